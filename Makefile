@@ -1,0 +1,30 @@
+# Fresh-machine entry points. `make run` = the main job, `make test` = the test suite.
+# Both create .venv and install the package on first use; the real Fashion-MNIST files
+# come from Debian's dataset-fashion-mnist package (installed if missing; needs root).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+WORKDIR ?= runs/pfedla_fmnist
+
+.PHONY: setup data test run bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+data:
+	@test -f $(FMNIST) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
+
+test: setup data
+	$(PY) -m pytest -q
+
+run: setup data
+	$(PY) -m experiments.run --flagfile=experiments/presets/fmnist_quick.flags --workdir=$(WORKDIR)
+
+clean:
+	rm -rf $(VENV) runs

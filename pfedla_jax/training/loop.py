@@ -1,0 +1,261 @@
+"""The experiment: data -> partition -> clients -> rounds -> metrics.
+
+`run_experiment(config)` is the library entry point the CLI wraps. It writes
+`metrics.jsonl` (one JSON object per evaluated round) and `summary.json` to the workdir,
+and `alpha.npz` for pFedLA (alpha of every client and layer at every evaluated round).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pfedla_jax.algorithms import ALGORITHMS, FedAvg, FLContext, Local, PFedLA, PFedLAConfig
+from pfedla_jax.algorithms.base import INITS
+from pfedla_jax.core.evaluation import Evaluator, summarize
+from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
+from pfedla_jax.data import build_client_store, load_dataset, make_partition
+from pfedla_jax.errors import UserInputError
+from pfedla_jax.models import count_params, layer_names, make_cnn
+from pfedla_jax.models.hypernetwork import HNConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    algorithm: str = "fedavg"
+    # data
+    dataset: str = "fmnist"
+    data_dir: str | None = None
+    partition: str = "noniid1"
+    classes_per_client: int = 4
+    dominant_classes: int = 2
+    dominant_share: float = 0.8
+    dirichlet_alpha: float = 0.5
+    min_client_size: int = 10
+    samples_per_client: int = 0      # 0 = the largest the data allows
+    synthetic_per_class: int = 600
+    num_clients: int = 10
+    # federated schedule
+    rounds: int = 20
+    participation: float = 1.0
+    eval_every: int = 1
+    seed: int = 0
+    init: str = "common"
+    # local training
+    train: LocalTrainConfig = LocalTrainConfig()
+    client_parallelism: str = "auto"
+    use_bn: str = "auto"             # auto | true | false
+    # pFedLA
+    pfedla: PFedLAConfig = PFedLAConfig()
+
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise UserInputError(f"unknown --algorithm {self.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+        if self.num_clients < 1:
+            raise UserInputError(f"--num_clients must be >= 1, got {self.num_clients}")
+        if self.rounds < 1:
+            raise UserInputError(f"--rounds must be >= 1, got {self.rounds}")
+        if not (0 < self.participation <= 1) or math.isnan(self.participation):
+            raise UserInputError(f"--participation must be in (0, 1], got {self.participation}")
+        if self.eval_every < 1:
+            raise UserInputError(f"--eval_every must be >= 1, got {self.eval_every}")
+        if self.init not in INITS:
+            raise UserInputError(f"unknown --init {self.init!r}; expected one of {', '.join(INITS)}")
+        if self.use_bn not in ("auto", "true", "false"):
+            raise UserInputError(f"--use_bn must be auto, true or false, got {self.use_bn!r}")
+        if self.samples_per_client < 0:
+            raise UserInputError(f"--samples_per_client must be >= 0, got {self.samples_per_client}")
+        self.train.validate()
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, int(round(self.participation * self.num_clients)))
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def participation_schedule(key: jax.Array, num_clients: int, per_round: int, rounds: int) -> np.ndarray:
+    """Pre-sampled participants [rounds, S] (sorted ids), from the seed only."""
+    if per_round == num_clients:
+        return np.tile(np.arange(num_clients, dtype=np.int32), (rounds, 1))
+    draw = jax.jit(lambda k: jnp.sort(jax.random.choice(k, num_clients, (per_round,), replace=False)))
+    return np.stack([np.asarray(draw(jax.random.fold_in(key, t))) for t in range(rounds)]).astype(np.int32)
+
+
+@dataclasses.dataclass
+class Experiment:
+    config: ExperimentConfig
+    algorithm: Any
+    context: FLContext
+    evaluator: Evaluator
+    partition: Any
+    dataset: Any
+
+
+def build_experiment(config: ExperimentConfig) -> Experiment:
+    """Loads data, partitions it, builds the model, trainer and algorithm."""
+    config.validate()
+    dataset = load_dataset(config.dataset, config.data_dir,
+                           synthetic_per_class=config.synthetic_per_class, seed=config.seed)
+    partition = make_partition(
+        dataset.labels, dataset.num_classes, config.num_clients, config.partition,
+        classes_per_client=config.classes_per_client, dominant_classes=config.dominant_classes,
+        dominant_share=config.dominant_share, dirichlet_alpha=config.dirichlet_alpha,
+        min_client_size=config.min_client_size,
+        samples_per_client=config.samples_per_client or None, seed=config.seed)
+    store = build_client_store(dataset, partition)
+    use_bn = None if config.use_bn == "auto" else config.use_bn == "true"
+    model = make_cnn(dataset.input_shape, dataset.num_classes, use_bn=use_bn)
+    trainer = ClientTrainer(model, store, config.train, config.client_parallelism)
+    ctx = FLContext(model=model, layer_order=layer_names(model), store=store, trainer=trainer,
+                    num_clients=config.num_clients, input_shape=dataset.input_shape,
+                    init=config.init)
+    if config.algorithm == "local":
+        algorithm = Local(ctx)
+    elif config.algorithm == "fedavg":
+        algorithm = FedAvg(ctx)
+    else:
+        algorithm = PFedLA(ctx, config.pfedla)
+    evaluator = Evaluator(model, store, config.client_parallelism)
+    return Experiment(config, algorithm, ctx, evaluator, partition, dataset)
+
+
+def _alpha_stats(alpha: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
+    """Mean self-weight per layer (the paper's Fig. 7 reading), averaged over clients."""
+    n = alpha.shape[0]
+    self_w = alpha[np.arange(n), :, np.arange(n)]  # [N, L]
+    out = {f"alpha_self/{name}": float(self_w[:, l].mean()) for l, name in enumerate(names)}
+    out["alpha_self_mean"] = float(self_w.mean())
+    return out
+
+
+def run_experiment(config: ExperimentConfig, workdir: str | None = None,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Runs the experiment; returns the summary (also written to workdir/summary.json)."""
+    log = log or (lambda s: print(s, flush=True))
+    exp = build_experiment(config)
+    algo, ctx = exp.algorithm, exp.context
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "metrics.jsonl"), "w"):
+            pass
+
+    root = jax.random.PRNGKey(config.seed)
+    key_init, key_sched, key_train = (jax.random.fold_in(root, i) for i in range(3))
+    schedule = participation_schedule(key_sched, config.num_clients, config.clients_per_round,
+                                      config.rounds)
+    state = algo.init(key_init)
+    train_counts = np.asarray(ctx.store.train_count)
+    test_counts = np.asarray(ctx.store.test_count)
+    log(f"{algo.name}: {config.dataset} {config.partition}, {config.num_clients} clients "
+        f"({config.clients_per_round}/round), train/test per client {int(train_counts.mean())}/"
+        f"{int(test_counts.mean())}, {count_params(jax.tree.map(lambda a: a[0], state['client_params']))} "
+        f"params, {ctx.trainer.num_steps} local steps/round, strategy={ctx.trainer.strategy}")
+
+    records, round_times, alpha_log = [], [], {"round": [], "alpha": [], "retained": []}
+    bytes_up_total = bytes_down_total = 0
+    t_start = time.perf_counter()
+    for t in range(config.rounds):
+        t0 = time.perf_counter()
+        state, info = algo.round(state, t, schedule[t], jax.random.fold_in(key_train, t))
+        jax.block_until_ready(state)
+        dt = time.perf_counter() - t0
+        round_times.append(dt)
+        loss_sum = float(np.sum(np.asarray(info["loss_sum"])))
+        seen = float(np.sum(np.asarray(info["num_examples"])))
+        bytes_up_total += int(info["bytes_up"])
+        bytes_down_total += int(info["bytes_down"])
+        train_loss = loss_sum / max(seen, 1.0)
+        if not math.isfinite(train_loss):
+            raise UserInputError(f"training diverged at round {t + 1}: train loss is {train_loss} "
+                                 "(lower --lr or --hn_lr)")
+        if (t + 1) % config.eval_every and t + 1 != config.rounds:
+            continue
+        t1 = time.perf_counter()
+        record: dict[str, Any] = {"round": t + 1}
+        for view, (params, stats) in algo.eval_models(state).items():
+            result = exp.evaluator.evaluate(params, stats)
+            summary = summarize(result, "test" if not view else f"{view}_test")
+            record.update(summary)
+        record.update(train_loss=train_loss, round_seconds=dt,
+                      eval_seconds=time.perf_counter() - t1,
+                      bytes_up=int(info["bytes_up"]), bytes_down=int(info["bytes_down"]),
+                      bytes_up_total=bytes_up_total, bytes_down_total=bytes_down_total)
+        exports = algo.extra_exports(state)
+        if "alpha" in exports:
+            record.update(_alpha_stats(exports["alpha"], algo.layer_map.names))
+            alpha_log["round"].append(t + 1)
+            alpha_log["alpha"].append(exports["alpha"])
+            alpha_log["retained"].append(exports["retained"])
+        records.append(record)
+        log(f"round {t + 1:4d}  test_acc {record['test_acc']:.4f}  train_loss {train_loss:.4f}  "
+            f"{dt:.2f}s")
+        if workdir:
+            with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if alpha_log["round"]:
+                np.savez(os.path.join(workdir, "alpha.npz"), round=np.array(alpha_log["round"]),
+                         alpha=np.stack(alpha_log["alpha"]), retained=np.stack(alpha_log["retained"]),
+                         layers=np.array(algo.layer_map.names))
+
+    steady = round_times[1:] or round_times
+    final = records[-1]
+    best = max(records, key=lambda r: r["test_acc"])
+    summary = {
+        "config": config_to_dict(config),
+        "algorithm": algo.name,
+        "final": {k: v for k, v in final.items() if not k.endswith("per_client")},
+        "best_test_acc": best["test_acc"],
+        "best_round": best["round"],
+        "first_round_seconds": round_times[0],
+        "median_round_seconds": statistics.median(steady),
+        "compile_seconds_estimate": max(0.0, round_times[0] - statistics.median(steady)),
+        "total_seconds": time.perf_counter() - t_start,
+        "client_parallelism": ctx.trainer.strategy,
+        "local_steps_per_round": ctx.trainer.num_steps,
+        "train_examples_per_client": train_counts.tolist(),
+        "test_examples_per_client": test_counts.tolist(),
+        "samples_per_client": exp.partition.samples_per_client,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "jax_version": jax.__version__,
+    }
+    if workdir:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    summary["records"] = records
+    return summary
+
+
+def format_table(summary: dict[str, Any], max_rows: int = 10) -> str:
+    """A short text table of the evaluated rounds and the final result."""
+    records = summary["records"]
+    views = [k[: -len("_test_acc")] for k in records[-1] if k.endswith("_test_acc") and not k.startswith("test")]
+    head = ["round", "test_acc", "acc_unw", "acc_std"] + [f"{v}_acc" for v in views] + ["train_loss", "round_s"]
+    rows = records if len(records) <= max_rows else records[:: max(1, len(records) // max_rows)]
+    if rows[-1] is not records[-1]:
+        rows = rows + [records[-1]]
+    lines = ["  ".join(f"{h:>10}" for h in head)]
+    for r in rows:
+        vals = [f"{r['round']:>10d}", f"{r['test_acc']:>10.4f}", f"{r['test_acc_unweighted']:>10.4f}",
+                f"{r['test_acc_std']:>10.4f}"]
+        vals += [f"{r[v + '_test_acc']:>10.4f}" for v in views]
+        vals += [f"{r['train_loss']:>10.4f}", f"{r['round_seconds']:>10.3f}"]
+        lines.append("  ".join(vals))
+    lines.append(f"{summary['algorithm']}: final test_acc {records[-1]['test_acc']:.4f} "
+                 f"(best {summary['best_test_acc']:.4f} at round {summary['best_round']}); "
+                 f"median round {summary['median_round_seconds']:.3f}s, first round "
+                 f"{summary['first_round_seconds']:.2f}s (incl. compile)")
+    return "\n".join(lines)

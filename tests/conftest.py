@@ -1,0 +1,8 @@
+"""Shared test setup: CPU, two host devices (so the sharded path is tested), offline."""
+
+import os
+
+# Before jax is imported anywhere: two XLA CPU devices, so the 'shard' strategy and the
+# device mesh code are exercised by the suite on any machine.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")

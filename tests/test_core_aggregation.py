@@ -1,0 +1,87 @@
+"""Aggregation einsums vs naive loops; closed-form alpha cotangent vs autodiff."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pfedla_jax.core.aggregation import aggregate, alpha_cotangent, weighted_average
+from pfedla_jax.core.layers import make_layer_map
+
+LAYERS = ("Conv1", "BN1", "FC1")
+
+
+def _params(rng, n):
+    shapes = {"Conv1": {"kernel": (5, 5, 1, 4), "bias": (4,)},
+              "BN1": {"scale": (4,), "bias": (4,)},
+              "FC1": {"kernel": (6, 3), "bias": (3,)}}
+    return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal((n,) + s), jnp.float32),
+                        shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+@pytest.mark.parametrize("granularity", ["layer", "tensor"])
+def test_layer_map(granularity):
+    params = jax.tree.map(lambda a: a[0], _params(np.random.default_rng(0), 1))
+    lm = make_layer_map(params, LAYERS, granularity)
+    if granularity == "layer":
+        assert lm.names == LAYERS
+        assert lm.num_params == (5 * 5 * 4 + 4, 8, 6 * 3 + 3)
+        assert lm.layer_of_leaf["BN1"]["scale"] == lm.layer_of_leaf["BN1"]["bias"] == 1
+    else:
+        assert lm.names == ("Conv1/kernel", "Conv1/bias", "BN1/scale", "BN1/bias", "FC1/kernel", "FC1/bias")
+        assert lm.num_params == (100, 4, 4, 4, 18, 3)
+    assert lm.total_params == 100 + 4 + 8 + 21
+
+
+@pytest.mark.parametrize("granularity", ["layer", "tensor"])
+def test_aggregate_matches_naive_loop(granularity):
+    rng = np.random.default_rng(1)
+    n, s = 5, 3
+    stacked = _params(rng, n)
+    lm = make_layer_map(jax.tree.map(lambda a: a[0], stacked), LAYERS, granularity)
+    alpha = jax.nn.softmax(jnp.asarray(rng.standard_normal((s, lm.num_layers, n)), jnp.float32), -1)
+    got = aggregate(alpha, stacked, lm)
+    units = jax.tree.leaves(lm.layer_of_leaf)
+    for leaf_got, leaf_w, unit in zip(jax.tree.leaves(got), jax.tree.leaves(stacked), units):
+        w = np.asarray(leaf_w, np.float64)
+        for i in range(s):
+            expect = sum(float(alpha[i, unit, j]) * w[j] for j in range(n))
+            np.testing.assert_allclose(np.asarray(leaf_got[i]), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_one_hot_alpha_returns_own_params_exactly():
+    rng = np.random.default_rng(2)
+    stacked = _params(rng, 4)
+    lm = make_layer_map(jax.tree.map(lambda a: a[0], stacked), LAYERS)
+    ids = jnp.array([2, 0])
+    alpha = jnp.broadcast_to(jax.nn.one_hot(ids, 4)[:, None, :], (2, lm.num_layers, 4))
+    got = aggregate(alpha, stacked, lm)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(stacked)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w)[np.array([2, 0])])
+
+
+@pytest.mark.parametrize("granularity", ["layer", "tensor"])
+def test_alpha_cotangent_equals_autodiff(granularity):
+    rng = np.random.default_rng(3)
+    n, s = 4, 2
+    stacked = _params(rng, n)
+    delta = _params(rng, s)
+    lm = make_layer_map(jax.tree.map(lambda a: a[0], stacked), LAYERS, granularity)
+    alpha = jnp.asarray(rng.uniform(size=(s, lm.num_layers, n)), jnp.float32)
+
+    def inner(a):
+        bar = aggregate(a, stacked, lm)
+        return sum(jnp.vdot(b, d) for b, d in zip(jax.tree.leaves(bar), jax.tree.leaves(delta)))
+
+    np.testing.assert_allclose(alpha_cotangent(stacked, delta, lm), jax.grad(inner)(alpha),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_average():
+    rng = np.random.default_rng(4)
+    stacked = _params(rng, 3)
+    w = jnp.array([10.0, 30.0, 60.0])
+    got = weighted_average(stacked, w)
+    for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(stacked)):
+        p = np.asarray(p, np.float64)
+        np.testing.assert_allclose(np.asarray(g), 0.1 * p[0] + 0.3 * p[1] + 0.6 * p[2], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,256 @@
+"""Tests for pfedla_jax.data.partition."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pfedla_jax.data import make_partition, max_samples_per_client
+from pfedla_jax.errors import UserInputError
+
+
+def _labels(per_class, num_classes=10, seed=0):
+    """Shuffled labels with `per_class` examples of each class (an int or a list)."""
+    counts = np.broadcast_to(per_class, (num_classes,))
+    lab = np.repeat(np.arange(num_classes), counts)
+    return lab[np.random.default_rng(seed).permutation(lab.size)].astype(np.int32)
+
+
+LAB = _labels(700)  # A 1/10-size Fashion-MNIST: 10 classes x 700.
+
+
+def _expected_train(n, frac=0.7):
+    """The documented per-class rule, written independently of the implementation."""
+    t = math.floor(frac * n + 0.5 + 1e-9)
+    return min(max(t, 1), n - 1) if n >= 2 else t
+
+
+def check_partition(p, labels, num_clients, num_classes=10, frac=0.7):
+    """Checks every invariant all schemes share; returns per-client class counts [N, C]."""
+    assert p.num_clients == num_clients
+    assert len(p.test_indices) == len(p.client_classes) == num_clients
+    all_idx = np.concatenate(p.train_indices + p.test_indices)
+    assert all_idx.dtype == np.int64
+    assert len(np.unique(all_idx)) == all_idx.size, "an example is shared"
+    assert all_idx.min() >= 0 and all_idx.max() < labels.size
+    hist = np.zeros((num_clients, num_classes), dtype=np.int64)
+    for i in range(num_clients):
+        tr, te = p.train_indices[i], p.test_indices[i]
+        h_tr = np.bincount(labels[tr], minlength=num_classes)
+        h_te = np.bincount(labels[te], minlength=num_classes)
+        h = h_tr + h_te
+        hist[i] = h
+        assert np.array_equal(p.client_classes[i], np.flatnonzero(h))
+        # Stratified split: per class, the documented train count.
+        assert np.array_equal(h_tr, [_expected_train(n, frac) for n in h])
+        # Shuffled, not grouped by class (a sorted run would have few label changes).
+        if tr.size > 50 and np.count_nonzero(h) > 1:
+            assert np.count_nonzero(np.diff(labels[tr])) > 0.3 * tr.size
+    return hist
+
+
+# ----------------------------------------------------------------------------- noniid1
+
+
+def test_noniid1_default_is_max_and_classes_equal():
+    p = make_partition(LAB, 10, 10, "noniid1", classes_per_client=4, seed=1)
+    hist = check_partition(p, LAB, 10)
+    assert p.samples_per_client == 700
+    assert max_samples_per_client(LAB, 10, 10, "noniid1", classes_per_client=4) == 700
+    for h in hist:
+        assert np.count_nonzero(h) == 4
+        assert set(h[h > 0]) == {175}
+    assert np.bincount(np.concatenate(p.client_classes), minlength=10).max() <= 4  # ceil(40/10)
+    # 175 per class -> round(122.5) = 123 train, 52 test; identical for every client.
+    assert {len(t) for t in p.train_indices} == {4 * 123}
+    assert {len(t) for t in p.test_indices} == {4 * 52}
+    with pytest.raises(UserInputError, match="largest feasible samples_per_client is 700"):
+        make_partition(LAB, 10, 10, "noniid1", classes_per_client=4, samples_per_client=704)
+    with pytest.raises(UserInputError,
+                       match="not a multiple of classes_per_client=4; use 700 or 704"):
+        make_partition(LAB, 10, 10, "noniid1", classes_per_client=4, samples_per_client=701)
+
+
+def test_noniid1_smaller_size_and_small_counts():
+    p = make_partition(LAB, 10, 10, "noniid1", classes_per_client=4, samples_per_client=8)
+    hist = check_partition(p, LAB, 10)  # 2 per class: one train, one test each.
+    assert set(hist[hist > 0]) == {2}
+    assert all(len(t) == 4 for t in p.train_indices)
+
+
+@pytest.mark.parametrize("num_clients,expected", [(10, 7000), (100, 700)])
+def test_noniid1_fmnist_default_sizes(num_clients, expected):
+    labels = _labels(7000)
+    got = max_samples_per_client(labels, 10, num_clients, "noniid1", classes_per_client=4)
+    assert got == expected
+    p = make_partition(labels, 10, num_clients, "noniid1", classes_per_client=4)
+    assert p.samples_per_client == expected
+    assert {len(a) + len(b) for a, b in zip(p.train_indices, p.test_indices)} == {expected}
+
+
+def test_noniid1_cifar100_like_sizes():
+    labels = _labels(600, 100)
+    # 10 x 12 = 120 uses over 100 classes: 20 classes used twice -> 300 per class.
+    assert max_samples_per_client(labels, 100, 10, "noniid1", classes_per_client=12) == 12 * 300
+    assert max_samples_per_client(labels, 100, 100, "noniid1", classes_per_client=12) == 12 * 50
+
+
+def test_noniid1_balanced_uses_and_plentiful_classes_get_extra():
+    p = make_partition(LAB, 10, 7, "noniid1", classes_per_client=3, seed=5)
+    uses = np.bincount(np.concatenate(p.client_classes), minlength=10)
+    assert uses.sum() == 21 and uses.max() == 3 and uses.min() == 2  # floor/ceil(21/10)
+    # Classes 5..9 have twice the data: the 5 extra uses of 15 over 10 classes go there.
+    labels = _labels([100] * 5 + [200] * 5)
+    for seed in range(3):
+        p = make_partition(labels, 10, 3, "noniid1", classes_per_client=5, seed=seed)
+        uses = np.bincount(np.concatenate(p.client_classes), minlength=10)
+        assert np.array_equal(uses, [1] * 5 + [2] * 5)
+        assert p.samples_per_client == 500
+        check_partition(p, labels, 3)
+
+
+# ----------------------------------------------------------------------------- noniid2
+
+
+@pytest.mark.parametrize("num_clients,d,share", [(10, 2, 0.8), (7, 3, 0.6), (30, 1, 0.5)])
+def test_noniid2_shares(num_clients, d, share):
+    p = make_partition(LAB, 10, num_clients, "noniid2", dominant_classes=d,
+                       dominant_share=share, seed=2)
+    hist = check_partition(p, LAB, num_clients)
+    s = p.samples_per_client
+    assert s == max_samples_per_client(LAB, 10, num_clients, "noniid2", dominant_classes=d,
+                                       dominant_share=share, seed=2)
+    assert (hist.sum(1) == s).all()
+    assert (hist > 0).all()  # Every client holds every class.
+    for h in hist:
+        top = np.sort(h)[::-1]
+        dom = top[:d]
+        assert dom.max() - dom.min() <= 1  # Equal up to one sample.
+        assert len(set(top[d:])) == 1  # The other classes: exactly equal.
+        assert share * s - 0.5 <= dom.sum() < share * s + 0.5 + (10 - d)
+    # One more sample per client is infeasible.
+    with pytest.raises(UserInputError, match=f"largest feasible samples_per_client is {s}"):
+        make_partition(LAB, 10, num_clients, "noniid2", dominant_classes=d, dominant_share=share,
+                       samples_per_client=s + 1, seed=2)
+
+
+def test_noniid2_fmnist_sizes_match_noniid1():
+    labels = _labels(7000)
+    # (clients, size, dominant count, other count): at 700, R = 560 and 140 / 8 = 17.5,
+    # so the other classes get 17 and the 4 left over go to the dominant pair.
+    for n, s, dom, other in [(10, 7000, 2800, 175), (100, 700, 282, 17)]:
+        p = make_partition(labels, 10, n, "noniid2")
+        assert p.samples_per_client == s
+        for i in (0, n - 1):
+            h = np.sort(np.bincount(labels[p.client_indices(i)], minlength=10))
+            assert np.array_equal(h, [other] * 8 + [dom] * 2)
+
+
+def test_noniid2_too_small():
+    with pytest.raises(UserInputError,
+                       match="too small for all 10 classes.*smallest valid samples_per_client is"):
+        make_partition(LAB, 10, 10, "noniid2", samples_per_client=20)
+
+
+# ----------------------------------------------------------------------------- dirichlet / iid
+
+
+def test_dirichlet_whole_pool_min_size_and_skew():
+    labels = _labels([300, 500, 700, 100, 400, 600, 200, 800, 350, 450])
+    p = make_partition(labels, 10, 20, "dirichlet", dirichlet_alpha=0.3, min_client_size=40, seed=4)
+    hist = check_partition(p, labels, 20)
+    assert p.samples_per_client is None
+    assert hist.sum() == labels.size  # Whole pool used.
+    assert hist.sum(1).min() >= 40
+    assert np.array_equal(hist.sum(0), np.bincount(labels))
+    skew = np.mean(hist.max(1) / hist.sum(1))
+    q = make_partition(labels, 10, 20, "dirichlet", dirichlet_alpha=1000.0, seed=4)
+    hist_q = check_partition(q, labels, 20)
+    assert skew > 0.4 > np.mean(hist_q.max(1) / hist_q.sum(1))
+
+
+def test_dirichlet_target_size_is_mean():
+    p = make_partition(LAB, 10, 10, "dirichlet", samples_per_client=300, seed=1)
+    hist = check_partition(p, LAB, 10)
+    assert p.samples_per_client == 300 and hist.sum() == 3000
+    assert len(set(hist.sum(1))) > 1  # Sizes vary.
+    assert max_samples_per_client(LAB, 10, 10, "dirichlet") == 700
+    with pytest.raises(UserInputError, match="largest feasible samples_per_client is 700"):
+        make_partition(LAB, 10, 10, "dirichlet", samples_per_client=701)
+
+
+def test_dirichlet_impossible_min_size_fails():
+    with pytest.raises(UserInputError, match="after 1000 draws with alpha=0.01"):
+        make_partition(LAB, 10, 50, "dirichlet", dirichlet_alpha=0.01, min_client_size=100)
+    with pytest.raises(UserInputError, match="need 7010 examples but the pool has 7000"):
+        make_partition(LAB, 10, 701, "dirichlet", min_client_size=10)
+
+
+def test_iid():
+    p = make_partition(LAB, 10, 9, "iid", seed=3)
+    hist = check_partition(p, LAB, 9)
+    assert p.samples_per_client == 777 and (hist.sum(1) == 777).all()
+    assert hist.min() > 40  # Every class present in roughly its 10% share.
+    with pytest.raises(UserInputError, match="largest feasible samples_per_client is 777"):
+        make_partition(LAB, 10, 9, "iid", samples_per_client=778)
+
+
+# ----------------------------------------------------------------------------- common
+
+
+@pytest.mark.parametrize("scheme,kw", [("noniid1", {"classes_per_client": 3}), ("noniid2", {}),
+                                       ("dirichlet", {}), ("iid", {})])
+def test_deterministic_by_seed(scheme, kw):
+    a, b, c = (make_partition(LAB, 10, 6, scheme, seed=s, **kw) for s in (7, 7, 8))
+    for f in ("train_indices", "test_indices", "client_classes"):
+        assert all(np.array_equal(x, y) for x, y in zip(getattr(a, f), getattr(b, f)))
+    assert not all(np.array_equal(x, y) for x, y in zip(a.train_indices, c.train_indices))
+
+
+def test_train_fraction():
+    p = make_partition(LAB, 10, 10, "noniid1", classes_per_client=2, train_fraction=0.5)
+    check_partition(p, LAB, 10, frac=0.5)
+    assert all(len(a) == len(b) for a, b in zip(p.train_indices, p.test_indices))
+    # Two examples per class: one each side even where rounding would put both on one.
+    for frac in (0.1, 0.95):
+        p = make_partition(LAB, 10, 10, "noniid1", classes_per_client=2, samples_per_client=4,
+                           train_fraction=frac)
+        check_partition(p, LAB, 10, frac=frac)
+        assert all(len(a) == len(b) == 2 for a, b in zip(p.train_indices, p.test_indices))
+
+
+@pytest.mark.parametrize(
+    "args,kw,match",
+    [
+        ((10, 10, "noniid3"), {}, "unknown partition scheme 'noniid3'"),
+        ((10, 0, "iid"), {}, "num_clients must be an integer >= 1"),
+        ((10, 10, "noniid1"), {}, "noniid1 needs classes_per_client"),
+        ((10, 10, "noniid1"), {"classes_per_client": 11},
+         r"classes_per_client must be an integer in \[1, 10\]"),
+        ((10, 10, "noniid1"), {"classes_per_client": 0}, "classes_per_client"),
+        ((10, 10, "noniid2"), {"dominant_classes": 10}, "dominant_classes must be"),
+        ((10, 10, "noniid2"), {"dominant_classes": 0}, "dominant_classes must be"),
+        ((10, 10, "noniid2"), {"dominant_share": 1.0}, r"dominant_share must lie in \(0, 1\)"),
+        ((10, 10, "noniid2"), {"dominant_share": 0.0}, r"dominant_share must lie in \(0, 1\)"),
+        ((10, 10, "noniid2"), {"dominant_share": 0.1}, "less than their uniform share"),
+        ((10, 10, "dirichlet"), {"dirichlet_alpha": 0.0}, "dirichlet_alpha must be > 0"),
+        ((10, 10, "dirichlet"), {"dirichlet_alpha": -1.0}, "dirichlet_alpha must be > 0"),
+        ((10, 10, "iid"), {"train_fraction": 1.0}, r"train_fraction must lie in \(0, 1\)"),
+        ((10, 10, "iid"), {"train_fraction": 0.0}, r"train_fraction must lie in \(0, 1\)"),
+        ((10, 10, "iid"), {"samples_per_client": 0}, "samples_per_client must be an integer >= 1"),
+        ((5, 10, "iid"), {}, r"labels must lie in \[0, 5\)"),
+        ((10, 8000, "iid"), {}, "no samples_per_client is feasible"),
+        ((10, 10, "noniid1"), {"classes_per_client": 4, "samples_per_client": 2000},
+         "10 clients x 4 classes need 2000 samples of class .* only 700 exist"),
+    ],
+)
+def test_bad_parameters(args, kw, match):
+    with pytest.raises(UserInputError, match=match) as e:
+        make_partition(LAB, *args, **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_noniid1_infeasible_at_any_size():
+    labels = _labels([50] * 9 + [1])
+    with pytest.raises(UserInputError, match="class 9 for 2 clients but only 1 examples"):
+        make_partition(labels, 10, 20, "noniid1", classes_per_client=1)
