@@ -83,7 +83,8 @@ def test_parameter_counts_and_layers(shape, num_classes, expected_bn, count):
         assert leaves == ({"scale", "bias"} if name.startswith("BN") else {"kernel", "bias"})
     if expected_bn:
         assert set(variables["batch_stats"]) == {"BN1", "BN2"}
-        assert {k: v.shape for k, v in variables["batch_stats"]["BN2"].items()} == {"mean": (32,), "var": (32,)}
+        bn2 = variables["batch_stats"]["BN2"]
+        assert {k: v.shape for k, v in bn2.items()} == {"mean": (32,), "var": (32,)}
     else:
         assert variables["batch_stats"] == {}
     logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, jnp.zeros((2,) + shape))
@@ -196,7 +197,8 @@ def test_padding_mask_through_the_model():
     assert_close_tree(stats_m, stats_r)
     assert_close_tree(grads_m, grads_r, rtol=1e-5)
     apply = jax.jit(lambda v, x, m: model.apply(v, x, train=True, mask=m, mutable=["batch_stats"])[0])
-    np.testing.assert_allclose(apply(variables, x, mask)[real], apply(variables, x[real], None), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(apply(variables, x, mask)[real], apply(variables, x[real], None),
+                               rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- BatchNorm

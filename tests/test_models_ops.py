@@ -100,7 +100,11 @@ def test_conv_grads_under_vmap(cin):
 def test_conv_vmap_with_shared_kernel(cin):
     x, w, g = make_inputs(cin, key=3, lead=(2,))
     w = w[0]
-    f = lambda conv: jax.jit(jax.vmap(jax.grad(scalar_fn(conv, g[0]), argnums=(0, 1)), in_axes=(0, None)))(x, w)
+
+    def f(conv):
+        grad = jax.grad(scalar_fn(conv, g[0]), argnums=(0, 1))
+        return jax.jit(jax.vmap(grad, in_axes=(0, None)))(x, w)
+
     assert_close_tree(f(ops.conv2d_valid), f(ops.conv2d_valid_reference))
 
 

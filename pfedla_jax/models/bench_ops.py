@@ -9,7 +9,8 @@ Implementations:
   reference       ops.conv2d_valid_reference (plain autodiff of lax.conv)
 
 Prints compile+first-call time and the median / min over `--repeats` timed calls after one
-warm-up call, in ms; the timed calls alternate between the implementations. Run it on an otherwise idle machine: on a shared CPU the numbers are noisy.
+warm-up call, in ms; the timed calls alternate between the implementations. Run it on an
+otherwise idle machine: on a shared CPU the numbers are noisy.
 """
 
 from __future__ import annotations

@@ -234,7 +234,8 @@ class CNNTarget(nn.Module):
             raise UserInputError(f"CNNTarget expects input [B, H, W, C]; got shape {tuple(x.shape)}")
         check_input_shape(x.shape[1:])
         if self.conv_impl not in CONV_IMPLS:
-            raise UserInputError(f"unknown conv_impl {self.conv_impl!r}; expected one of {', '.join(CONV_IMPLS)}")
+            raise UserInputError(
+                f"unknown conv_impl {self.conv_impl!r}; expected one of {', '.join(CONV_IMPLS)}")
 
         for i, features in enumerate(_CONV_FEATURES, start=1):
             x = Conv2dValid(features, impl=self.conv_impl, name=f"Conv{i}")(x)
