@@ -186,10 +186,10 @@ def test_alpha_learns_group_structure():
     ctx = _ctx(4, store=store, ds=ds, cfg=cfg)
     algo = PFedLA(ctx, PFedLAConfig())
     state = algo.init(jax.random.PRNGKey(0))
-    for t in range(15):
+    for t in range(40):
         state, _ = algo.round(state, t, np.arange(4), jax.random.fold_in(jax.random.PRNGKey(1), t))
     alpha = np.asarray(algo.extra_exports(state)["alpha"])      # [N, L, N]
     mean_over_layers = alpha.mean(1)
     same = [mean_over_layers[i, [j for j in range(4) if groups[j] == groups[i]]].sum() for i in range(4)]
     other = [mean_over_layers[i, [j for j in range(4) if groups[j] != groups[i]]].sum() for i in range(4)]
-    assert all(s > o for s, o in zip(same, other)), (same, other)
+    assert all(s > o + 0.1 for s, o in zip(same, other)), (same, other)
