@@ -50,7 +50,7 @@ _BN = flags.DEFINE_string("use_bn", "auto", "auto (BN iff 3 input channels) | tr
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 _QUIET = flags.DEFINE_bool("quiet", False, "Only print the final table.")
 # pFedLA
-_HN_LR = flags.DEFINE_float("hn_lr", 1.0, "pFedLA: hypernetwork learning rate (public code: 5e-3, which leaves alpha near uniform; BUILD_NOTES).")
+_HN_LR = flags.DEFINE_float("hn_lr", 0.5, "pFedLA: hypernetwork learning rate (public code: 5e-3, which leaves alpha near uniform; BUILD_NOTES).")
 _HN_OPT = flags.DEFINE_string("hn_optimizer", "sgd", "pFedLA: sgd | adam.")
 _HN_MOM = flags.DEFINE_float("hn_momentum", 0.0, "pFedLA: hypernetwork SGD momentum.")
 _HN_EMB = flags.DEFINE_integer("hn_embed_dim", 100, "pFedLA: embedding size.")

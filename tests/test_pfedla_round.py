@@ -184,7 +184,7 @@ def test_alpha_learns_group_structure():
     store = store_from_indices(ds, train, test)
     cfg = LocalTrainConfig(batch_size=16, local_epochs=1, lr=0.05)
     ctx = _ctx(4, store=store, ds=ds, cfg=cfg)
-    algo = PFedLA(ctx, PFedLAConfig())
+    algo = PFedLA(ctx, PFedLAConfig(hn_lr=1.0))
     state = algo.init(jax.random.PRNGKey(0))
     for t in range(40):
         state, _ = algo.round(state, t, np.arange(4), jax.random.fold_in(jax.random.PRNGKey(1), t))
