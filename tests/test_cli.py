@@ -58,6 +58,10 @@ BAD = [
     (["--algorithm=pfedla", "--heur_k=5"], "heur_k"),
     (["--algorithm=pfedla", "--hn_normalization=tanh"], "hn_normalization"),
     (["--algorithm=pfedla", "--round_semantics=async"], "round_semantics"),
+    (["--weight_decay=nan"], "weight_decay"),
+    (["--samples_per_client=4", "--classes_per_client=4"], "no test examples"),
+    (["--algorithm=pfedla", "--hn_lr=1e30", "--rounds=3"], "diverged"),
+    (["--workdir=/proc/no/such/dir"], "workdir"),
 ]
 
 

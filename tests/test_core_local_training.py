@@ -62,6 +62,17 @@ def test_vmap_loop_shard_agree(use_bn, name):
     assert min(float(m) for m in jax.tree.leaves(moved)) > 0
 
 
+def test_shard_with_fewer_clients_than_devices(gray):
+    ds, store = gray
+    model = make_cnn(ds.input_shape, ds.num_classes)
+    cfg = LocalTrainConfig(batch_size=16, local_steps=3, lr=0.05)
+    params, stats = _start(model, ds.input_shape, 1)
+    ids = jnp.array([2], jnp.int32)
+    a = ClientTrainer(model, store, cfg, "shard").train(params, stats, ids, KEY)
+    b = ClientTrainer(model, store, cfg, "loop").train(params, stats, ids, KEY)
+    _assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_matches_naive_python_sgd(gray):
     """The scan with masks equals a plain loop over the client's shuffled minibatches."""
     ds, store = gray

@@ -130,7 +130,7 @@ def test_one_hot_self_alpha_reproduces_local_training_exactly():
     local = Local(ctx)
     key = jax.random.PRNGKey(5)
     s_p = _set_hn_alpha(algo, algo.init(key), lambda i: jnp.tile(jax.nn.one_hot(i, 3), (algo.layer_map.num_layers, 1)))
-    s_l = local.init(jax.random.split(key)[0])  # PFedLA.init uses split(key)[0] for the models
+    s_l = local.init(key)  # same key -> the same initial client models
     for t in range(2):
         rk = jax.random.fold_in(key, t)
         s_p, _ = algo.round(s_p, t, np.arange(3), rk)

@@ -118,8 +118,10 @@ class PFedLA(Algorithm):
 
     # ------------------------------------------------------------------ state
     def init(self, key):
-        k_model, k_hn = jax.random.split(key)
-        params, stats = self.ctx.init_client_variables(k_model)
+        # The client models come from `key` itself, as for Local and FedAvg, so one seed gives
+        # every method the same initial models.
+        params, stats = self.ctx.init_client_variables(key)
+        k_hn = jax.random.fold_in(key, 1)
         hn_params = init_hypernetworks(self.hn, k_hn, self.ctx.num_clients)
         hn_opt = jax.vmap(self.hn_tx.init)(hn_params)
         return {"client_params": params, "batch_stats": stats,

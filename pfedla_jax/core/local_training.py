@@ -58,8 +58,8 @@ class LocalTrainConfig:
             raise UserInputError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise UserInputError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise UserInputError(f"--weight_decay must be >= 0, got {self.weight_decay}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise UserInputError(f"--weight_decay must be a finite number >= 0, got {self.weight_decay}")
 
 
 def resolve_strategy(strategy: str) -> str:
@@ -232,14 +232,16 @@ class ClientTrainer:
         num = int(client_ids.shape[0])
         if self.strategy == "vmap":
             return self._vmap_fn()(params, batch_stats, client_ids, round_key, self.store)
-        if self.strategy == "loop":
+        ndev = self._mesh.devices.size if self.strategy == "shard" else 1
+        if self.strategy == "loop" or num < ndev:
+            # (a cohort smaller than the device count, e.g. sequential pFedLA's one-client
+            # blocks, would only train padding copies on the other devices)
             one, stack = self._loop_fn()
             outs = [one(params, batch_stats, s, client_ids, round_key, self.store)
                     for s in range(num)]
             return stack(outs)
         # shard: pad the cohort to a multiple of the device count with repeats of the
         # first client; the padded results are dropped.
-        ndev = self._mesh.devices.size
         pad = (-num) % ndev
         if pad:
             rep = lambda t: jax.tree.map(

@@ -60,8 +60,11 @@ def normalize_scores(scores: jax.Array, self_index: jax.Array, normalization: st
     a = jax.nn.relu(scores)
     total = jnp.sum(a, axis=-1, keepdims=True)
     one_hot = jax.nn.one_hot(self_index, scores.shape[-1], dtype=scores.dtype)
-    # all-zero head output: fall back to keeping the client's own layer
-    return jnp.where(total > 0, a / jnp.where(total > 0, total, 1.0), one_hot)
+    # all-zero head output: fall back to keeping the client's own layer. Non-finite scores
+    # (a diverged hypernetwork) must stay non-finite so the run stops instead of silently
+    # turning into local training.
+    fallback = jnp.where(jnp.isfinite(total), one_hot, jnp.nan)
+    return jnp.where(total > 0, a / jnp.where(total > 0, total, 1.0), fallback)
 
 
 class LayerWeightHypernetwork(nn.Module):

@@ -116,6 +116,11 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         min_client_size=config.min_client_size,
         samples_per_client=config.samples_per_client or None, seed=config.seed)
     store = build_client_store(dataset, partition)
+    empty = np.flatnonzero(np.asarray(store.test_count) == 0)
+    if empty.size:
+        raise UserInputError(
+            f"{empty.size} client(s) get no test examples from the 70/30 per-class split "
+            f"(e.g. client {int(empty[0])}); use a larger --samples_per_client")
     use_bn = None if config.use_bn == "auto" else config.use_bn == "true"
     model = make_cnn(dataset.input_shape, dataset.num_classes, use_bn=use_bn)
     trainer = ClientTrainer(model, store, config.train, config.client_parallelism)
@@ -130,6 +135,14 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
         algorithm = PFedLA(ctx, config.pfedla)
     evaluator = Evaluator(model, store, config.client_parallelism)
     return Experiment(config, algorithm, ctx, evaluator, partition, dataset)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """True iff every floating-point leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _alpha_stats(alpha: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
@@ -148,9 +161,12 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
     exp = build_experiment(config)
     algo, ctx = exp.algorithm, exp.context
     if workdir:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "metrics.jsonl"), "w"):
-            pass
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, "metrics.jsonl"), "w"):
+                pass
+        except OSError as e:
+            raise UserInputError(f"cannot write to --workdir {workdir!r}: {e.strerror or e}") from None
 
     root = jax.random.PRNGKey(config.seed)
     key_init, key_sched, key_train = (jax.random.fold_in(root, i) for i in range(3))
@@ -178,8 +194,9 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
         bytes_up_total += int(info["bytes_up"])
         bytes_down_total += int(info["bytes_down"])
         train_loss = loss_sum / max(seen, 1.0)
-        if not math.isfinite(train_loss):
-            raise UserInputError(f"training diverged at round {t + 1}: train loss is {train_loss} "
+        if not math.isfinite(train_loss) or not bool(_all_finite(state)):
+            raise UserInputError(f"training diverged at round {t + 1}: train loss {train_loss:.4g}, "
+                                 "non-finite values in the model or hypernetwork state "
                                  "(lower --lr or --hn_lr)")
         if (t + 1) % config.eval_every and t + 1 != config.rounds:
             continue
