@@ -4,7 +4,7 @@ Example (the README's main job):
 
   python -m experiments.run --algorithm=pfedla --dataset=fmnist --partition=noniid1 \
       --classes_per_client=4 --num_clients=10 --rounds=20 --local_epochs=1 \
-      --batch_size=32 --lr=0.005 --participation=1.0 --seed=0 --workdir=/tmp/pfedla
+      --batch_size=32 --lr=0.005 --participation=1.0 --seed=0 --workdir=runs/pfedla
 
 Writes WORKDIR/metrics.jsonl (one JSON object per evaluated round), WORKDIR/summary.json,
 and for pFedLA WORKDIR/alpha.npz. Flags can come from a file: --flagfile=FILE.
