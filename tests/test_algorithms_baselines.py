@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from pfedla_jax.algorithms import FedAvg, FLContext, Local
 from pfedla_jax.core.evaluation import Evaluator, summarize

@@ -10,7 +10,7 @@ from pfedla_jax.core.aggregation import aggregate
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.core.stacking import take_clients
 from pfedla_jax.models import layer_names, make_cnn
-from pfedla_jax.models.hypernetwork import HNConfig, stacked_alpha
+from pfedla_jax.models.hypernetwork import stacked_alpha
 from tests.helpers import small_store, store_from_indices, synthetic
 
 
@@ -43,7 +43,7 @@ def _ctx(num_clients=3, trainer=None, store=None, ds=None, cfg=None):
 
 def _set_hn_alpha(algo, state, alpha_fn):
     """Make every HN output a fixed alpha: heads zero, bias = the target (ReLU-normalised)."""
-    n, layers = algo.ctx.num_clients, algo.layer_map.num_layers
+    n = algo.ctx.num_clients
     hp = jax.tree.map(jnp.zeros_like, state["hn_params"])
     bias = jnp.stack([alpha_fn(i) for i in range(n)])                     # [N, L, N]
     hp["heads_bias"] = bias

@@ -40,6 +40,7 @@ class FLContext:
     num_clients: int
     input_shape: tuple[int, int, int]
     init: str = "common"  # one common initial model for all clients, or one each
+    _model_bytes: int | None = dataclasses.field(default=None, init=False, repr=False)
 
     def init_client_variables(self, key: jax.Array):
         """(params [N, ...], batch_stats [N, ...]) for all clients."""
@@ -55,9 +56,12 @@ class FLContext:
         return copy(params), copy(stats)
 
     def model_bytes(self) -> int:
-        variables = jax.eval_shape(
-            lambda: init_variables(self.model, jax.random.key(0), self.input_shape))
-        return tree_bytes(variables["params"])
+        """Bytes of one client's trainable params (what one model transfer costs)."""
+        if self._model_bytes is None:
+            variables = jax.eval_shape(
+                lambda: init_variables(self.model, jax.random.key(0), self.input_shape))
+            self._model_bytes = tree_bytes(variables["params"])
+        return self._model_bytes
 
 
 class Algorithm(abc.ABC):

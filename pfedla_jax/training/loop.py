@@ -12,7 +12,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -27,7 +26,6 @@ from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.data import build_client_store, load_dataset, make_partition
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import count_params, layer_names, make_cnn
-from pfedla_jax.models.hypernetwork import HNConfig
 
 
 @dataclasses.dataclass(frozen=True)
