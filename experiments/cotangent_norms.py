@@ -8,18 +8,15 @@ the centred closed-form cotangent (what moves a normalised alpha). BUILD_NOTES Â
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from experiments.run import fail, parse_flags, set_host_devices
+from experiments.run import parse_flags, start
 
 _AT = flags.DEFINE_list("report_rounds", ["1", "10", "19"], "Rounds (0-based) to report.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    set_host_devices(flags.FLAGS.host_devices)
-    logging.set_verbosity(logging.WARNING)
+    start(argv)
     import dataclasses
 
     import jax
@@ -29,13 +26,13 @@ def main(argv):
     from experiments.run import _config
     from pfedla_jax.core.aggregation import alpha_cotangent
     from pfedla_jax.core.stacking import take_clients
-    from pfedla_jax.training.loop import build_experiment
+    from pfedla_jax.training.loop import build_experiment, experiment_keys
 
     config = dataclasses.replace(_config(), algorithm="pfedla")
     exp = build_experiment(config)
     algo = exp.algorithm
-    state = algo.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), 0))
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
+    key_init, _, key = experiment_keys(config.seed)  # the keys run_experiment uses
+    state = algo.init(key_init)
     ids = jnp.arange(config.num_clients, dtype=jnp.int32)
     report = {int(r) for r in _AT.value}
     for t in range(config.rounds):

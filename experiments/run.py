@@ -110,11 +110,19 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def main(argv):
+def start(argv) -> None:
+    """Common start of every experiments/ app: no stray arguments, host devices, quiet logs.
+
+    Runs before jax is imported (host devices must be set first).
+    """
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     set_host_devices(_HOST_DEV.value)
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend-probe INFO lines off stderr
+
+
+def main(argv):
+    start(argv)
     from pfedla_jax.errors import UserInputError
     from pfedla_jax.training.loop import format_table, run_experiment
 

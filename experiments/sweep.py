@@ -18,9 +18,9 @@ import dataclasses
 import json
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from experiments.run import fail, set_host_devices
+from experiments.run import fail, start
 
 _RUNS = flags.DEFINE_multi_string("run", [], "NAME:field=value,... (repeatable).")
 _OUT = flags.DEFINE_string("out", None, "Write all summaries to this JSON file.")
@@ -47,10 +47,7 @@ def _override(config, dotted: str, value):
 
 
 def main(argv):
-    if len(argv) > 1:
-        fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    set_host_devices(flags.FLAGS.host_devices)
-    logging.set_verbosity(logging.WARNING)
+    start(argv)
     from experiments.run import _config
     from pfedla_jax.errors import UserInputError
     from pfedla_jax.training.loop import run_experiment

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -40,7 +41,6 @@ class FLContext:
     num_clients: int
     input_shape: tuple[int, int, int]
     init: str = "common"  # one common initial model for all clients, or one each
-    _model_bytes: int | None = dataclasses.field(default=None, init=False, repr=False)
 
     def init_client_variables(self, key: jax.Array):
         """(params [N, ...], batch_stats [N, ...]) for all clients."""
@@ -55,13 +55,12 @@ class FLContext:
         copy = lambda t: jax.tree.map(jnp.array, t)  # materialise (no broadcast views)
         return copy(params), copy(stats)
 
+    @functools.cached_property
     def model_bytes(self) -> int:
         """Bytes of one client's trainable params (what one model transfer costs)."""
-        if self._model_bytes is None:
-            variables = jax.eval_shape(
-                lambda: init_variables(self.model, jax.random.key(0), self.input_shape))
-            self._model_bytes = tree_bytes(variables["params"])
-        return self._model_bytes
+        variables = jax.eval_shape(
+            lambda: init_variables(self.model, jax.random.key(0), self.input_shape))
+        return tree_bytes(variables["params"])
 
 
 class Algorithm(abc.ABC):
@@ -92,3 +91,7 @@ class Algorithm(abc.ABC):
     def extra_exports(self, state: dict) -> dict[str, np.ndarray]:
         """Arrays to save at each evaluated round (e.g. pFedLA's alpha)."""
         return {}
+
+    def evaluation(self, state: dict) -> tuple[dict[str, tuple[Any, Any]], dict[str, np.ndarray]]:
+        """(eval_models(state), extra_exports(state)); overridden where they share work."""
+        return self.eval_models(state), self.extra_exports(state)

@@ -40,7 +40,7 @@ class FedAvg(Algorithm):
             "client_params": put_clients(state["client_params"], ids, params),
             "batch_stats": put_clients(state["batch_stats"], ids, stats),
         }
-        nbytes = self.ctx.model_bytes() * int(ids.shape[0])
+        nbytes = self.ctx.model_bytes * int(ids.shape[0])
         return new_state, {**metrics, "bytes_up": nbytes, "bytes_down": nbytes}
 
     def eval_models(self, state):

@@ -202,13 +202,18 @@ class PFedLA(Algorithm):
         return self.personalize(state["hn_params"], state["client_params"], ids)
 
     def eval_models(self, state):
-        _, _, theta_bar = self.all_alpha(state)
-        return {"": (theta_bar, state["batch_stats"]),
-                "local": (state["client_params"], state["batch_stats"])}
+        return self.evaluation(state)[0]
 
     def extra_exports(self, state):
-        alpha, retained, _ = self.all_alpha(state)
-        return {"alpha": np.asarray(alpha), "retained": np.asarray(retained)}
+        return self.evaluation(state)[1]
+
+    def evaluation(self, state):
+        # alpha and theta_bar of all N clients from one personalize() call (it costs
+        # O(N^2 |theta|): not to be done twice per evaluation)
+        alpha, retained, theta_bar = self.all_alpha(state)
+        views = {"": (theta_bar, state["batch_stats"]),
+                 "local": (state["client_params"], state["batch_stats"])}
+        return views, {"alpha": np.asarray(alpha), "retained": np.asarray(retained)}
 
 
 def hn_delta_psi(hn, layer_map: LayerMap, hn_params, client_params, client_ids, retained, delta):

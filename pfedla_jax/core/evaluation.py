@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pfedla_jax.core.local_training import masked_cross_entropy, resolve_strategy
+from pfedla_jax.core.stacking import take_clients
 from pfedla_jax.data.store import ClientStore, normalize_images
 
 
@@ -18,7 +19,8 @@ class Evaluator:
     def __init__(self, model, store: ClientStore, strategy: str = "auto", batch_size: int = 256):
         self.model = model
         self.store = store
-        # The sharded path only pays off for training; evaluation is forward-only.
+        # Evaluation is forward-only and occasional: vmap where vmap trains fastest, else the
+        # per-client loop (the sharded path is not used for it).
         self.strategy = "vmap" if resolve_strategy(strategy) == "vmap" else "loop"
         max_test = int(store.test_idx.shape[1])
         self.batch_size = max(1, min(batch_size, max_test))
@@ -59,8 +61,7 @@ class Evaluator:
         else:
             if "loop" not in self._fns:
                 def one(p, bs, s, ids, store):
-                    take = lambda t: jax.tree.map(lambda a: a[s], t)
-                    return self._client_eval(take(p), take(bs), ids[s], store)
+                    return self._client_eval(take_clients(p, s), take_clients(bs, s), ids[s], store)
                 self._fns["loop"] = jax.jit(one)
             outs = [self._fns["loop"](params, batch_stats, s, ids, self.store) for s in range(num)]
             out = tuple(jnp.stack(v) for v in zip(*outs))

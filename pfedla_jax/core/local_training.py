@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pfedla_jax.core.stacking import take_clients
 from pfedla_jax.data.store import ClientStore, normalize_images
 from pfedla_jax.errors import UserInputError
 
@@ -193,9 +194,8 @@ class ClientTrainer:
     def _loop_fn(self):
         if "loop" not in self._compiled:
             def one(params, batch_stats, s, client_ids, round_key, store):
-                take = lambda t: jax.tree.map(lambda a: a[s], t)
-                return self._client_update(take(params), take(batch_stats), client_ids[s],
-                                           round_key, store)
+                return self._client_update(take_clients(params, s), take_clients(batch_stats, s),
+                                           client_ids[s], round_key, store)
 
             self._compiled["loop"] = jax.jit(one)
             self._compiled["stack"] = jax.jit(lambda outs: jax.tree.map(lambda *a: jnp.stack(a), *outs))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 @jax.jit
 def take_clients(tree: Any, client_ids: jax.Array) -> Any:
-    """Rows `client_ids` of every leaf: [N, ...] -> [S, ...]."""
+    """Rows `client_ids` of every leaf: [N, ...] -> [S, ...] (a scalar id drops the axis)."""
     return jax.tree.map(lambda a: jnp.take(a, client_ids, axis=0), tree)
 
 

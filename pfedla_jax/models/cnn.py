@@ -46,7 +46,7 @@ _CONV_FEATURES = (16, 32)
 _FC_FEATURES = (120, 84)
 
 
-def _torch_default_uniform(fan_in: int) -> Callable[..., jax.Array]:
+def torch_default_uniform(fan_in: int) -> Callable[..., jax.Array]:
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's Conv2d/Linear default init.
 
     kaiming_uniform(a=sqrt(5)) gives bound gain*sqrt(3/fan_in) with gain = sqrt(2/(1+5)),
@@ -78,7 +78,7 @@ class Conv2dValid(nn.Module):
         """[B, H, W, Cin] -> [B, H - kh + 1, W - kw + 1, features]."""
         kh, kw = self.kernel_size
         cin = x.shape[-1]
-        init = _torch_default_uniform(kh * kw * cin)
+        init = torch_default_uniform(kh * kw * cin)
         kernel = self.param("kernel", init, (kh, kw, cin, self.features))
         bias = self.param("bias", init, (self.features,))
         if self.impl == "custom":
@@ -98,7 +98,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, in] -> [B, features]."""
-        init = _torch_default_uniform(x.shape[-1])
+        init = torch_default_uniform(x.shape[-1])
         kernel = self.param("kernel", init, (x.shape[-1], self.features))
         bias = self.param("bias", init, (self.features,))
         return jnp.dot(x, kernel) + bias

@@ -15,21 +15,16 @@ All clients' hypernetworks are stored stacked (leading client axis) and applied 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from pfedla_jax.errors import UserInputError
+from pfedla_jax.models.cnn import torch_default_uniform
 
 NORMALIZATIONS = ("relu", "softmax")
-
-
-def torch_default_uniform(fan_in: int) -> Callable:
-    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for nn.Linear weight and bias."""
-    bound = 1.0 / jnp.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 @dataclasses.dataclass(frozen=True)

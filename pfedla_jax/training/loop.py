@@ -80,16 +80,22 @@ class ExperimentConfig:
         return max(1, int(round(self.participation * self.num_clients)))
 
 
-def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+def experiment_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(init, participation schedule, training) keys: fold_in(PRNGKey(seed), 0 / 1 / 2).
+
+    Round t trains with fold_in(training key, t); client c with fold_in of that, c.
+    """
+    root = jax.random.PRNGKey(seed)
+    return tuple(jax.random.fold_in(root, i) for i in range(3))
 
 
 def participation_schedule(key: jax.Array, num_clients: int, per_round: int, rounds: int) -> np.ndarray:
     """Pre-sampled participants [rounds, S] (sorted ids), from the seed only."""
     if per_round == num_clients:
         return np.tile(np.arange(num_clients, dtype=np.int32), (rounds, 1))
-    draw = jax.jit(lambda k: jnp.sort(jax.random.choice(k, num_clients, (per_round,), replace=False)))
-    return np.stack([np.asarray(draw(jax.random.fold_in(key, t))) for t in range(rounds)]).astype(np.int32)
+    draw = lambda t: jnp.sort(jax.random.choice(jax.random.fold_in(key, t), num_clients,
+                                                (per_round,), replace=False))
+    return np.asarray(jax.jit(jax.vmap(draw))(jnp.arange(rounds))).astype(np.int32)
 
 
 @dataclasses.dataclass
@@ -99,7 +105,6 @@ class Experiment:
     context: FLContext
     evaluator: Evaluator
     partition: Any
-    dataset: Any
 
 
 def build_experiment(config: ExperimentConfig) -> Experiment:
@@ -132,7 +137,7 @@ def build_experiment(config: ExperimentConfig) -> Experiment:
     else:
         algorithm = PFedLA(ctx, config.pfedla)
     evaluator = Evaluator(model, store, config.client_parallelism)
-    return Experiment(config, algorithm, ctx, evaluator, partition, dataset)
+    return Experiment(config, algorithm, ctx, evaluator, partition)
 
 
 @jax.jit
@@ -166,8 +171,7 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
         except OSError as e:
             raise UserInputError(f"cannot write to --workdir {workdir!r}: {e.strerror or e}") from None
 
-    root = jax.random.PRNGKey(config.seed)
-    key_init, key_sched, key_train = (jax.random.fold_in(root, i) for i in range(3))
+    key_init, key_sched, key_train = experiment_keys(config.seed)
     schedule = participation_schedule(key_sched, config.num_clients, config.clients_per_round,
                                       config.rounds)
     state = algo.init(key_init)
@@ -181,55 +185,58 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
     records, round_times, alpha_log = [], [], {"round": [], "alpha": [], "retained": []}
     bytes_up_total = bytes_down_total = 0
     t_start = time.perf_counter()
-    for t in range(config.rounds):
-        t0 = time.perf_counter()
-        state, info = algo.round(state, t, schedule[t], jax.random.fold_in(key_train, t))
-        jax.block_until_ready(state)
-        dt = time.perf_counter() - t0
-        round_times.append(dt)
-        loss_sum = float(np.sum(np.asarray(info["loss_sum"])))
-        seen = float(np.sum(np.asarray(info["num_examples"])))
-        bytes_up_total += int(info["bytes_up"])
-        bytes_down_total += int(info["bytes_down"])
-        train_loss = loss_sum / max(seen, 1.0)
-        if not math.isfinite(train_loss) or not bool(_all_finite(state)):
-            raise UserInputError(f"training diverged at round {t + 1}: train loss {train_loss:.4g}, "
-                                 "non-finite values in the model or hypernetwork state "
-                                 "(lower --lr or --hn_lr)")
-        if (t + 1) % config.eval_every and t + 1 != config.rounds:
-            continue
-        t1 = time.perf_counter()
-        record: dict[str, Any] = {"round": t + 1}
-        for view, (params, stats) in algo.eval_models(state).items():
-            result = exp.evaluator.evaluate(params, stats)
-            summary = summarize(result, "test" if not view else f"{view}_test")
-            record.update(summary)
-        record.update(train_loss=train_loss, round_seconds=dt,
-                      eval_seconds=time.perf_counter() - t1,
-                      bytes_up=int(info["bytes_up"]), bytes_down=int(info["bytes_down"]),
-                      bytes_up_total=bytes_up_total, bytes_down_total=bytes_down_total)
-        exports = algo.extra_exports(state)
-        if "alpha" in exports:
-            record.update(_alpha_stats(exports["alpha"], algo.layer_map.names))
-            alpha_log["round"].append(t + 1)
-            alpha_log["alpha"].append(exports["alpha"])
-            alpha_log["retained"].append(exports["retained"])
-        records.append(record)
-        log(f"round {t + 1:4d}  test_acc {record['test_acc']:.4f}  train_loss {train_loss:.4f}  "
-            f"{dt:.2f}s")
-        if workdir:
-            with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if alpha_log["round"]:
-                np.savez(os.path.join(workdir, "alpha.npz"), round=np.array(alpha_log["round"]),
-                         alpha=np.stack(alpha_log["alpha"]), retained=np.stack(alpha_log["retained"]),
-                         layers=np.array(algo.layer_map.names))
+    try:
+        for t in range(config.rounds):
+            t0 = time.perf_counter()
+            state, info = algo.round(state, t, schedule[t], jax.random.fold_in(key_train, t))
+            jax.block_until_ready(state)
+            dt = time.perf_counter() - t0
+            round_times.append(dt)
+            loss_sum = float(np.sum(np.asarray(info["loss_sum"])))
+            seen = float(np.sum(np.asarray(info["num_examples"])))
+            bytes_up_total += int(info["bytes_up"])
+            bytes_down_total += int(info["bytes_down"])
+            train_loss = loss_sum / max(seen, 1.0)
+            if not math.isfinite(train_loss) or not bool(_all_finite(state)):
+                raise UserInputError(f"training diverged at round {t + 1}: train loss {train_loss:.4g}, "
+                                     "non-finite values in the model or hypernetwork state "
+                                     "(lower --lr or --hn_lr)")
+            if (t + 1) % config.eval_every and t + 1 != config.rounds:
+                continue
+            t1 = time.perf_counter()
+            record: dict[str, Any] = {"round": t + 1}
+            views, exports = algo.evaluation(state)
+            for view, (params, stats) in views.items():
+                result = exp.evaluator.evaluate(params, stats)
+                record.update(summarize(result, "test" if not view else f"{view}_test"))
+            record.update(train_loss=train_loss, round_seconds=dt,
+                          eval_seconds=time.perf_counter() - t1,
+                          bytes_up=int(info["bytes_up"]), bytes_down=int(info["bytes_down"]),
+                          bytes_up_total=bytes_up_total, bytes_down_total=bytes_down_total)
+            if "alpha" in exports:
+                record.update(_alpha_stats(exports["alpha"], algo.layer_map.names))
+                alpha_log["round"].append(t + 1)
+                alpha_log["alpha"].append(exports["alpha"])
+                alpha_log["retained"].append(exports["retained"])
+            records.append(record)
+            log(f"round {t + 1:4d}  test_acc {record['test_acc']:.4f}  train_loss {train_loss:.4f}  "
+                f"{dt:.2f}s")
+            if workdir:
+                with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(record) + "\n")
+    finally:
+        # Once, at the end (or when the run stops early): rewriting the growing history at
+        # every evaluation would cost O(evaluations^2) writes.
+        if workdir and alpha_log["round"]:
+            np.savez(os.path.join(workdir, "alpha.npz"), round=np.array(alpha_log["round"]),
+                     alpha=np.stack(alpha_log["alpha"]), retained=np.stack(alpha_log["retained"]),
+                     layers=np.array(algo.layer_map.names))
 
     steady = round_times[1:] or round_times
     final = records[-1]
     best = max(records, key=lambda r: r["test_acc"])
     summary = {
-        "config": config_to_dict(config),
+        "config": dataclasses.asdict(config),
         "algorithm": algo.name,
         "final": {k: v for k, v in final.items() if not k.endswith("per_client")},
         "best_test_acc": best["test_acc"],
