@@ -6,8 +6,10 @@ Example (the README's main job):
       --classes_per_client=4 --num_clients=10 --rounds=20 --local_epochs=1 \
       --batch_size=32 --lr=0.005 --participation=1.0 --seed=0 --workdir=runs/pfedla
 
-Writes WORKDIR/metrics.jsonl (one JSON object per evaluated round), WORKDIR/summary.json,
-and for pFedLA WORKDIR/alpha.npz. Flags can come from a file: --flagfile=FILE.
+Writes WORKDIR/metrics.jsonl (one JSON object per evaluated round), metrics.csv, TensorBoard
+events (tb/), summary.json, and for pFedLA alpha.npz; checkpoints every --checkpoint_every
+rounds. Re-running the same command with the same --workdir resumes from the latest
+checkpoint. Flags can come from a file: --flagfile=FILE.
 Bad flags or inputs print one line `error: ...` and exit with status 2.
 """
 
@@ -21,8 +23,8 @@ from absl import app, flags, logging
 _A = flags.DEFINE_string("algorithm", "fedavg", "local | fedavg | pfedla (HeurpFedLA: pfedla with --heur_k>0).")
 _DATASET = flags.DEFINE_string("dataset", "fmnist", "fmnist | synthetic | synthetic_rgb | tfds:<name>.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset directory (fmnist IDX files or TFDS data_dir).")
-_PARTITION = flags.DEFINE_string("partition", "noniid1", "noniid1 | noniid2 | dirichlet | iid.")
-_K = flags.DEFINE_integer("classes_per_client", 4, "noniid1: classes per client.")
+_PARTITION = flags.DEFINE_string("partition", "noniid1", "noniid1 | noniid2 | adjacent (paper Fig. 6) | dirichlet | iid.")
+_K = flags.DEFINE_integer("classes_per_client", 4, "noniid1 / adjacent: classes per client.")
 _DOM = flags.DEFINE_integer("dominant_classes", 2, "noniid2: dominant classes per client.")
 _SHARE = flags.DEFINE_float("dominant_share", 0.8, "noniid2: share of a client's data in its dominant classes.")
 _DIR_ALPHA = flags.DEFINE_float("dirichlet_alpha", 0.5, "dirichlet: concentration.")
@@ -48,7 +50,11 @@ _HOST_DEV = flags.DEFINE_integer(
     "strategy (-1 = one per available core; 0 = leave XLA's default of one device).")
 _BN = flags.DEFINE_string("use_bn", "auto", "auto (BN iff 3 input channels) | true | false.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_QUIET = flags.DEFINE_bool("quiet", False, "Only print the final table.")
+_QUIET = flags.DEFINE_bool("quiet", False, "Only print the final table (no per-round progress lines).")
+_CKPT = flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint every this many rounds (and at the end); 0 = only at the end. Re-running with the same --workdir resumes.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard what --workdir holds (another run's config, checkpoints, metrics) and start over.")
+_TB = flags.DEFINE_bool("tensorboard", True, "Write TensorBoard event files to WORKDIR/tb.")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 1, "One progress line every this many rounds (0 = only at evaluations).")
 # pFedLA
 _HN_LR = flags.DEFINE_float("hn_lr", 0.5, "pFedLA: hypernetwork learning rate (public code: 5e-3, which leaves alpha near uniform; BUILD_NOTES).")
 _HN_OPT = flags.DEFINE_string("hn_optimizer", "sgd", "pFedLA: sgd | adam.")
@@ -90,6 +96,13 @@ def _config():
     )
 
 
+def _run_options():
+    from pfedla_jax.training.loop import RunOptions
+
+    return RunOptions(checkpoint_every=_CKPT.value, overwrite=_OVERWRITE.value,
+                      tensorboard=_TB.value, log_every=_LOG_EVERY.value)
+
+
 def set_host_devices(count: int) -> None:
     """One XLA CPU device per core (measured faster than XLA's intra-op threads, BUILD_NOTES).
 
@@ -129,7 +142,7 @@ def main(argv):
     quiet = _QUIET.value
     try:
         summary = run_experiment(_config(), _WORKDIR.value,
-                                 log=(lambda s: None) if quiet else None)
+                                 log=(lambda s: None) if quiet else None, options=_run_options())
     except UserInputError as e:
         fail(str(e))
     print(format_table(summary), flush=True)

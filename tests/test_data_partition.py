@@ -254,3 +254,71 @@ def test_noniid1_infeasible_at_any_size():
     labels = _labels([50] * 9 + [1])
     with pytest.raises(UserInputError, match="class 9 for 2 clients but only 1 examples"):
         make_partition(labels, 10, 20, "noniid1", classes_per_client=1)
+
+
+# ----------------------------------------------------------------------------- adjacent (Fig. 6)
+
+
+def test_adjacent_fig6_class_sets_and_overlaps():
+    # The paper's Fig. 6 layout: 8 clients, 4 classes each, a sliding window over 10 classes.
+    p = make_partition(LAB, 10, 8, "adjacent", classes_per_client=4, seed=3)
+    hist = check_partition(p, LAB, 8)
+    assert p.scheme == "adjacent"
+    for i in range(8):
+        want = sorted({(i + j) % 10 for j in range(4)})
+        assert p.client_classes[i].tolist() == want
+    assert p.client_classes[7].tolist() == [0, 7, 8, 9]  # wraps around
+    sets = [set(c.tolist()) for c in p.client_classes]
+    for i in range(7):
+        assert len(sets[i] & sets[i + 1]) == 3  # adjacent IDs share k - 1 classes
+    assert len(sets[0] & sets[2]) == 2 and len(sets[0] & sets[4]) == 0
+    # Equal sizes, equal per-class counts. Class uses are 2,2,3,4,4,4,4,4,3,2, so the
+    # largest feasible size is 4 * floor(700 / 4) = 700 (4 * 175).
+    assert p.samples_per_client == 700
+    assert max_samples_per_client(LAB, 10, 8, "adjacent", classes_per_client=4) == 700
+    assert (hist.sum(1) == 700).all()
+    for h in hist:
+        assert set(h[h > 0].tolist()) == {175}
+    assert np.array_equal(np.bincount(np.concatenate(p.client_classes), minlength=10),
+                          [2, 2, 3, 4, 4, 4, 4, 4, 3, 2])
+
+
+def test_adjacent_explicit_size_ring_and_determinism():
+    p = make_partition(LAB, 10, 12, "adjacent", classes_per_client=3, samples_per_client=90, seed=1)
+    hist = check_partition(p, LAB, 12)
+    assert (hist.sum(1) == 90).all() and set(hist[hist > 0].tolist()) == {30}
+    # More clients than classes: client i and i + C hold the same window.
+    assert p.client_classes[10].tolist() == p.client_classes[0].tolist() == [0, 1, 2]
+    assert p.client_classes[9].tolist() == [0, 1, 9]
+    # Class sets do not depend on the seed; the examples do.
+    q = make_partition(LAB, 10, 12, "adjacent", classes_per_client=3, samples_per_client=90, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(p.client_classes, q.client_classes))
+    assert not all(np.array_equal(a, b) for a, b in zip(p.train_indices, q.train_indices))
+    r = make_partition(LAB, 10, 12, "adjacent", classes_per_client=3, samples_per_client=90, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(p.train_indices, r.train_indices))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"classes_per_client": 4, "samples_per_client": 704},
+         ("adjacent: 8 clients x 4 classes need 704 samples of class .* only 700 exist; "
+          "the largest feasible samples_per_client is 700")),
+        ({"classes_per_client": 4, "samples_per_client": 701},
+         "adjacent: samples_per_client=701 is not a multiple of classes_per_client=4; use 700 or 704"),
+        ({}, "adjacent needs classes_per_client"),
+        ({"classes_per_client": 11}, r"adjacent: classes_per_client must be an integer in \[1, 10\]"),
+    ],
+)
+def test_adjacent_infeasible(kw, match):
+    with pytest.raises(UserInputError, match=match) as e:
+        make_partition(LAB, 10, 8, "adjacent", **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_adjacent_infeasible_at_any_size():
+    labels = _labels([50] * 9 + [0])  # class 9 is empty but client 9 needs it
+    with pytest.raises(UserInputError, match="adjacent: 10 clients x 2 classes use class 9"):
+        make_partition(labels, 10, 10, "adjacent", classes_per_client=2)
+    with pytest.raises(UserInputError, match="adjacent: 10 clients x 2 classes use class 9"):
+        max_samples_per_client(labels, 10, 10, "adjacent", classes_per_client=2)

@@ -4,7 +4,9 @@ Paper §5: non-IID 1 gives each client k random classes with the same amount of 
 per class; non-IID 2 gives every client all classes with a few dominant ones; every
 client's data is then split 70% train / 30% test with the same class distribution.
 All clients hold the same number of samples ("the same amount of training data for
-both 10 and 100 clients cases"). Dirichlet and IID splits are extra schemes.
+both 10 and 100 clients cases"). `adjacent` is the class layout of the paper's Fig. 6
+(sliding windows of classes, adjacent client IDs share k - 1 classes). Dirichlet and IID
+splits are extra schemes.
 
 Everything is deterministic given `seed` (one `np.random.default_rng(seed)` stream,
 consumed in a fixed order), no example is given to two clients, and an infeasible
@@ -21,7 +23,7 @@ import numpy as np
 
 from pfedla_jax.errors import UserInputError
 
-SCHEMES = ("noniid1", "noniid2", "dirichlet", "iid")
+SCHEMES = ("noniid1", "noniid2", "adjacent", "dirichlet", "iid")
 
 # Dirichlet draws until every client has `min_client_size` samples; bounded so that an
 # impossible request (tiny alpha, many clients) fails instead of looping forever.
@@ -86,6 +88,13 @@ def make_partition(
       S must be a multiple of k (no remainder rule: anything else raises, naming the
       nearest valid values). Feasible iff u_c * S/k <= examples of class c for all c,
       so the largest feasible S is k * min_c floor(n_c / u_c) (seed-independent).
+    * ``adjacent`` (paper Fig. 6): like noniid1 (k = classes_per_client classes, S/k
+      samples of each, the same multiple-of-k rule, feasibility check and largest
+      feasible S), but the class sets are fixed sliding windows instead of random ones:
+      client i holds classes {i, i+1, ..., i+k-1} mod C, so clients i and i+1 share k - 1
+      classes (Fig. 6: 8 clients, 4 classes each, adjacent IDs share 3). Class c is then
+      used by the clients i with (c - i) mod C < k, which need not be balanced (with N < C
+      the classes near the wrap are used less); the seed only picks the examples.
     * ``noniid2``: every client holds all C classes; d = dominant_classes of them
       (random, balanced like noniid1's sets) are dominant. With R =
       round_half_up(dominant_share * S), each of the C - d other classes gets exactly
@@ -111,8 +120,8 @@ def make_partition(
         num_classes: C; labels must lie in [0, C).
         num_clients: N >= 1.
         scheme: One of SCHEMES.
-        classes_per_client: noniid1's k (the paper: 4; 12 for CIFAR-100). Required for
-            noniid1.
+        classes_per_client: noniid1's / adjacent's k (the paper: 4; 12 for CIFAR-100).
+            Required for noniid1 and adjacent.
         dominant_classes: noniid2's d, 1 <= d < C.
         dominant_share: noniid2's share of a client's samples in its d dominant classes,
             d/C <= share < 1.
@@ -134,13 +143,13 @@ def make_partition(
     n = int(num_clients)
     rng = np.random.default_rng(seed)
 
-    if scheme == "noniid1":
-        k = _check_k(classes_per_client, num_classes)
+    if scheme in ("noniid1", "adjacent"):
+        k = _check_k(classes_per_client, num_classes, scheme)
         # Class sets first: they do not depend on S, so `max_samples_per_client` with
         # the same seed sees the same sets.
-        sets = _balanced_class_sets(rng, n, k, avail)
+        sets = _class_sets(scheme, rng, n, k, avail)
         uses = np.bincount(sets.reshape(-1), minlength=num_classes)
-        s_max = _noniid1_max(avail, uses, n, k)
+        s_max = _noniid1_max(avail, uses, n, k, scheme)
         if samples_per_client is None:
             total = s_max
         else:
@@ -149,7 +158,7 @@ def make_partition(
                 lo = (total // k) * k
                 nearest = f"{lo} or {lo + k}" if lo > 0 else f"{k}"
                 raise UserInputError(
-                    f"noniid1: samples_per_client={total} is not a multiple of "
+                    f"{scheme}: samples_per_client={total} is not a multiple of "
                     f"classes_per_client={k}; use {nearest}"
                 )
             per_class = total // k
@@ -158,7 +167,7 @@ def make_partition(
             if bad.size:
                 c = int(bad[np.argmax(need[bad] - avail[bad])])
                 raise UserInputError(
-                    f"noniid1: {n} clients x {k} classes need {need[c]} samples of class "
+                    f"{scheme}: {n} clients x {k} classes need {need[c]} samples of class "
                     f"{c} ({uses[c]} clients x {per_class}) at samples_per_client={total} "
                     f"but only {avail[c]} exist; the largest feasible samples_per_client "
                     f"is {s_max}"
@@ -235,11 +244,11 @@ def max_samples_per_client(
     labels, avail = _check_common(labels, num_classes, num_clients, scheme, train_fraction)
     n = int(num_clients)
     rng = np.random.default_rng(seed)
-    if scheme == "noniid1":
-        k = _check_k(classes_per_client, num_classes)
-        sets = _balanced_class_sets(rng, n, k, avail)
+    if scheme in ("noniid1", "adjacent"):
+        k = _check_k(classes_per_client, num_classes, scheme)
+        sets = _class_sets(scheme, rng, n, k, avail)
         uses = np.bincount(sets.reshape(-1), minlength=num_classes)
-        return _noniid1_max(avail, uses, n, k)
+        return _noniid1_max(avail, uses, n, k, scheme)
     if scheme == "noniid2":
         d, share = _check_noniid2(dominant_classes, dominant_share, num_classes)
         return _Noniid2Plan(rng, n, num_classes, d, share, avail).max_size()
@@ -291,14 +300,14 @@ def _check_size(samples_per_client) -> int:
     return int(samples_per_client)
 
 
-def _check_k(k, num_classes) -> int:
+def _check_k(k, num_classes, scheme="noniid1") -> int:
     if k is None:
         raise UserInputError(
-            "noniid1 needs classes_per_client (the paper uses 4, or 12 for CIFAR-100)"
+            f"{scheme} needs classes_per_client (the paper uses 4, or 12 for CIFAR-100)"
         )
     if not _is_int(k) or not 1 <= k <= num_classes:
         raise UserInputError(
-            f"noniid1: classes_per_client must be an integer in [1, {num_classes}] "
+            f"{scheme}: classes_per_client must be an integer in [1, {num_classes}] "
             f"(num_classes), got {k!r}"
         )
     return int(k)
@@ -326,7 +335,23 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5 + 1e-9))
 
 
-# ----------------------------------------------------------------------------- noniid1
+# ----------------------------------------------------------------------------- noniid1 / adjacent
+
+
+def _class_sets(scheme: str, rng, num_clients: int, k: int, avail: np.ndarray) -> np.ndarray:
+    """int64 [N, k] sorted class sets: random balanced (noniid1) or sliding windows."""
+    if scheme == "adjacent":
+        return _adjacent_class_sets(num_clients, k, avail.shape[0])
+    return _balanced_class_sets(rng, num_clients, k, avail)
+
+
+def _adjacent_class_sets(num_clients: int, k: int, num_classes: int) -> np.ndarray:
+    """Client i holds classes {i, ..., i+k-1} mod C (paper Fig. 6); int64 [N, k], sorted.
+
+    Deterministic (no random draw), so it leaves the partition's random stream untouched.
+    """
+    window = (np.arange(num_clients)[:, None] + np.arange(k)[None, :]) % num_classes
+    return np.sort(window, axis=1).astype(np.int64)
 
 
 def _balanced_class_sets(rng, num_clients: int, k: int, avail: np.ndarray) -> np.ndarray:
@@ -360,14 +385,15 @@ def _balanced_class_sets(rng, num_clients: int, k: int, avail: np.ndarray) -> np
     return sets
 
 
-def _noniid1_max(avail: np.ndarray, uses: np.ndarray, n: int, k: int) -> int:
+def _noniid1_max(avail: np.ndarray, uses: np.ndarray, n: int, k: int,
+                 scheme: str = "noniid1") -> int:
     used = uses > 0
     per_class = avail[used] // uses[used]
     j = int(np.argmin(per_class))
     if per_class[j] == 0:
         c = int(np.flatnonzero(used)[j])
         raise UserInputError(
-            f"noniid1: {n} clients x {k} classes use class {c} for {uses[c]} clients but "
+            f"{scheme}: {n} clients x {k} classes use class {c} for {uses[c]} clients but "
             f"only {avail[c]} examples exist; no samples_per_client is feasible"
         )
     return int(k * per_class[j])

@@ -24,8 +24,11 @@ from pfedla_jax.algorithms.base import INITS
 from pfedla_jax.core.evaluation import Evaluator, summarize
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.data import build_client_store, load_dataset, make_partition
+from pfedla_jax.data.store import label_histogram
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import count_params, layer_names, make_cnn
+from pfedla_jax.training.workdir import (Checkpoints, MetricsWriter, load_alpha_log,
+                                         prepare_workdir, save_alpha_log)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,19 +160,49 @@ def _alpha_stats(alpha: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a run is executed and recorded (not part of what it computes).
+
+    Attributes:
+      checkpoint_every: save a checkpoint every this many rounds (and at the end); 0 = only
+        at the end. Needs a workdir.
+      overwrite: start from scratch in a workdir that holds another run.
+      tensorboard: write TensorBoard event files to WORKDIR/tb.
+      log_every: one progress line every this many rounds (0 = only evaluations).
+    """
+
+    checkpoint_every: int = 10
+    overwrite: bool = False
+    tensorboard: bool = True
+    log_every: int = 1
+
+    def validate(self) -> None:
+        if self.checkpoint_every < 0:
+            raise UserInputError(f"--checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.log_every < 0:
+            raise UserInputError(f"--log_every must be >= 0, got {self.log_every}")
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def run_experiment(config: ExperimentConfig, workdir: str | None = None,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Runs the experiment; returns the summary (also written to workdir/summary.json)."""
+                   log: Callable[[str], None] | None = None,
+                   options: RunOptions = RunOptions()) -> dict[str, Any]:
+    """Runs the experiment; returns the summary (also written to workdir/summary.json).
+
+    With a workdir, the run checkpoints every `options.checkpoint_every` rounds and a
+    second call with the same config and workdir resumes from the latest checkpoint,
+    giving the same metrics as an uninterrupted run (README "Resuming").
+    """
     log = log or (lambda s: print(s, flush=True))
+    options.validate()
     exp = build_experiment(config)
     algo, ctx = exp.algorithm, exp.context
-    if workdir:
-        try:
-            os.makedirs(workdir, exist_ok=True)
-            with open(os.path.join(workdir, "metrics.jsonl"), "w"):
-                pass
-        except OSError as e:
-            raise UserInputError(f"cannot write to --workdir {workdir!r}: {e.strerror or e}") from None
+    resumable = bool(workdir) and prepare_workdir(workdir, config, options.overwrite)
 
     key_init, key_sched, key_train = experiment_keys(config.seed)
     schedule = participation_schedule(key_sched, config.num_clients, config.clients_per_round,
@@ -177,16 +210,57 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
     state = algo.init(key_init)
     train_counts = np.asarray(ctx.store.train_count)
     test_counts = np.asarray(ctx.store.test_count)
+    layer_names_ = getattr(getattr(algo, "layer_map", None), "names", ())
+
+    checkpoints = Checkpoints(workdir, options.checkpoint_every) if workdir else None
+    start_round, round_times, bytes_up_total, bytes_down_total = 0, [], 0, 0
+    alpha_log: dict[str, list] = {"round": [], "alpha": [], "retained": []}
+    resume_round = checkpoints.latest_round() if (checkpoints and resumable) else None
+    if resume_round is not None:
+        if resume_round > config.rounds:
+            raise UserInputError(f"--workdir {workdir!r} holds a run already at round {resume_round}, "
+                                 f"past --rounds={config.rounds}; use --overwrite or more rounds")
+        start_round, state, arrays, meta = checkpoints.restore(state)
+        saved_schedule = np.asarray(arrays["schedule"])
+        if not np.array_equal(saved_schedule, schedule[:saved_schedule.shape[0]]) or not np.array_equal(
+                np.asarray(arrays["train_key"]), np.asarray(jax.random.key_data(key_train))):
+            raise UserInputError(f"the checkpoint in {workdir!r} does not match this seed's "
+                                 "participation schedule or keys; use --overwrite")
+        round_times = list(meta["round_times"])
+        bytes_up_total, bytes_down_total = int(meta["bytes_up_total"]), int(meta["bytes_down_total"])
+        alpha_log = load_alpha_log(workdir, start_round)
+    writer = MetricsWriter(workdir, start_round if resume_round is not None else None,
+                           options.tensorboard) if workdir else None
+    records = writer.records if writer else []
+
     log(f"{algo.name}: {config.dataset} {config.partition}, {config.num_clients} clients "
         f"({config.clients_per_round}/round), train/test per client {int(train_counts.mean())}/"
         f"{int(test_counts.mean())}, {count_params(jax.tree.map(lambda a: a[0], state['client_params']))} "
-        f"params, {ctx.trainer.num_steps} local steps/round, strategy={ctx.trainer.strategy}")
+        f"params, {ctx.trainer.num_steps} local steps/round, strategy={ctx.trainer.strategy}"
+        + (f"; resumed after round {start_round}" if start_round else ""))
 
-    records, round_times, alpha_log = [], [], {"round": [], "alpha": [], "retained": []}
-    bytes_up_total = bytes_down_total = 0
+    def save_checkpoint(round_done: int, force: bool = False) -> None:
+        if checkpoints is None:
+            return
+        if force or (options.checkpoint_every and round_done % options.checkpoint_every == 0):
+            save_alpha_log(workdir, alpha_log, layer_names_)  # before the checkpoint commits
+            checkpoints.save(round_done, state,
+                             {"schedule": schedule[:round_done],
+                              "train_key": jax.random.key_data(key_train)},
+                             {"round_times": round_times, "bytes_up_total": bytes_up_total,
+                              "bytes_down_total": bytes_down_total}, force=True)
+
+    def _kept_checkpoint() -> str:
+        if checkpoints is None:
+            return ""
+        checkpoints.manager.wait_until_finished()
+        last = checkpoints.latest_round()
+        return f"; the last good checkpoint (round {last}) is kept in {workdir}" if last is not None else ""
+
     t_start = time.perf_counter()
+    last_acc = records[-1]["test_acc"] if records else float("nan")
     try:
-        for t in range(config.rounds):
+        for t in range(start_round, config.rounds):
             t0 = time.perf_counter()
             state, info = algo.round(state, t, schedule[t], jax.random.fold_in(key_train, t))
             jax.block_until_ready(state)
@@ -200,37 +274,56 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
             if not math.isfinite(train_loss) or not bool(_all_finite(state)):
                 raise UserInputError(f"training diverged at round {t + 1}: train loss {train_loss:.4g}, "
                                      "non-finite values in the model or hypernetwork state "
-                                     "(lower --lr or --hn_lr)")
-            if (t + 1) % config.eval_every and t + 1 != config.rounds:
-                continue
-            t1 = time.perf_counter()
-            record: dict[str, Any] = {"round": t + 1}
-            views, exports = algo.evaluation(state)
-            for view, (params, stats) in views.items():
-                result = exp.evaluator.evaluate(params, stats)
-                record.update(summarize(result, "test" if not view else f"{view}_test"))
-            record.update(train_loss=train_loss, round_seconds=dt,
-                          eval_seconds=time.perf_counter() - t1,
-                          bytes_up=int(info["bytes_up"]), bytes_down=int(info["bytes_down"]),
-                          bytes_up_total=bytes_up_total, bytes_down_total=bytes_down_total)
-            if "alpha" in exports:
-                record.update(_alpha_stats(exports["alpha"], algo.layer_map.names))
-                alpha_log["round"].append(t + 1)
-                alpha_log["alpha"].append(exports["alpha"])
-                alpha_log["retained"].append(exports["retained"])
-            records.append(record)
-            log(f"round {t + 1:4d}  test_acc {record['test_acc']:.4f}  train_loss {train_loss:.4f}  "
-                f"{dt:.2f}s")
-            if workdir:
-                with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                                     "(lower --lr or --hn_lr)" + _kept_checkpoint())
+            if writer:
+                writer.round_scalars(t + 1, {"train_loss": train_loss, "seconds": dt,
+                                             "examples_per_second": seen / dt,
+                                             "bytes_up": int(info["bytes_up"]),
+                                             "bytes_down": int(info["bytes_down"])})
+            evaluate = (t + 1) % config.eval_every == 0 or t + 1 == config.rounds
+            if evaluate:
+                t1 = time.perf_counter()
+                record: dict[str, Any] = {"round": t + 1}
+                views, exports = algo.evaluation(state)
+                for view, (params, stats) in views.items():
+                    result = exp.evaluator.evaluate(params, stats)
+                    record.update(summarize(result, "test" if not view else f"{view}_test"))
+                record.update(train_loss=train_loss, round_seconds=dt,
+                              eval_seconds=time.perf_counter() - t1,
+                              bytes_up=int(info["bytes_up"]), bytes_down=int(info["bytes_down"]),
+                              bytes_up_total=bytes_up_total, bytes_down_total=bytes_down_total)
+                if "alpha" in exports:
+                    record.update(_alpha_stats(exports["alpha"], algo.layer_map.names))
+                    alpha_log["round"].append(t + 1)
+                    alpha_log["alpha"].append(exports["alpha"])
+                    alpha_log["retained"].append(exports["retained"])
+                bad = [k for k, v in record.items()
+                       if isinstance(v, float) and not math.isfinite(v)]
+                if bad or ("alpha" in exports and not np.all(np.isfinite(exports["alpha"]))):
+                    raise UserInputError(
+                        f"training diverged at round {t + 1}: non-finite "
+                        f"{', '.join(bad[:3]) or 'alpha'} at evaluation (lower --lr or --hn_lr)"
+                        + _kept_checkpoint())
+                last_acc = record["test_acc"]
+                if writer:
+                    writer.evaluation(record)
+                else:
+                    records.append(record)
+            if evaluate or (options.log_every and (t + 1) % options.log_every == 0):
+                recent = statistics.median(round_times[-20:][1:] or round_times[-1:])
+                log(f"round {t + 1:4d}/{config.rounds}  test_acc {last_acc:.4f}  train_loss "
+                    f"{train_loss:.4f}  {dt:.2f}s  {1.0 / recent:.2f} rounds/s  "
+                    f"{seen / dt:,.0f} ex/s  ETA {_eta(recent * (config.rounds - t - 1))}")
+            save_checkpoint(t + 1, force=t + 1 == config.rounds)
     finally:
-        # Once, at the end (or when the run stops early): rewriting the growing history at
-        # every evaluation would cost O(evaluations^2) writes.
-        if workdir and alpha_log["round"]:
-            np.savez(os.path.join(workdir, "alpha.npz"), round=np.array(alpha_log["round"]),
-                     alpha=np.stack(alpha_log["alpha"]), retained=np.stack(alpha_log["retained"]),
-                     layers=np.array(algo.layer_map.names))
+        # alpha.npz: at checkpoints and once at the end (rewriting the growing history at
+        # every evaluation would cost O(evaluations^2) writes).
+        if workdir:
+            save_alpha_log(workdir, alpha_log, layer_names_)
+        if checkpoints:
+            checkpoints.close()
+        if writer:
+            writer.close()
 
     steady = round_times[1:] or round_times
     final = records[-1]
@@ -245,10 +338,12 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
         "median_round_seconds": statistics.median(steady),
         "compile_seconds_estimate": max(0.0, round_times[0] - statistics.median(steady)),
         "total_seconds": time.perf_counter() - t_start,
+        "resumed_from_round": start_round,
         "client_parallelism": ctx.trainer.strategy,
         "local_steps_per_round": ctx.trainer.num_steps,
         "train_examples_per_client": train_counts.tolist(),
         "test_examples_per_client": test_counts.tolist(),
+        "label_histogram": label_histogram(ctx.store).tolist(),
         "samples_per_client": exp.partition.samples_per_client,
         "backend": jax.default_backend(),
         "devices": jax.device_count(),

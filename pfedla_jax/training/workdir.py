@@ -1,0 +1,238 @@
+"""What a run keeps in its --workdir: config, checkpoints, metrics (JSONL, CSV, TensorBoard).
+
+Layout:
+  config.json          the ExperimentConfig that created the workdir (a re-run must match)
+  checkpoints/<round>/ orbax checkpoints: the algorithm state plus the loop's own state
+  metrics.jsonl        one JSON object per evaluated round (the contract tests read)
+  metrics.csv          the same rows, scalar columns only
+  tb/                  TensorBoard event files (per-round and per-evaluation scalars)
+  alpha.npz            pFedLA: alpha of every client and layer at every evaluated round
+  summary.json         written when the run ends
+
+Resuming: the latest committed checkpoint gives the round r to restart from; rows of
+metrics.jsonl / metrics.csv / alpha.npz for rounds after r (written before an interruption)
+are dropped, and TensorBoard purges its events after r, so an interrupted and resumed run
+leaves the same files as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pfedla_jax.errors import UserInputError
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+OUTPUT_FILES = ("metrics.jsonl", "metrics.csv", "summary.json", "alpha.npz", CONFIG_FILE)
+OUTPUT_DIRS = (CHECKPOINT_DIR, "tb")
+# Fields that may change between an interrupted run and its resumption: more rounds extend
+# a run; the others do not change what is computed.
+RESUMABLE_CHANGES = ("rounds",)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """'field: old -> new' for every differing (flattened) config field."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def prepare_workdir(workdir: str, config: Any, overwrite: bool) -> bool:
+    """Creates or checks `workdir` for `config`; True if a run there may be resumed.
+
+    Raises:
+      UserInputError: the workdir can't be written, or holds a run with another
+        configuration (and `overwrite` is False).
+    """
+    new = json.loads(json.dumps(dataclasses.asdict(config)))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, CONFIG_FILE)
+        if overwrite:
+            for name in OUTPUT_FILES:
+                if os.path.exists(os.path.join(workdir, name)):
+                    os.remove(os.path.join(workdir, name))
+            for name in OUTPUT_DIRS:
+                shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            diffs = [d for d in config_differences(old, new)
+                     if d.split(":")[0] not in RESUMABLE_CHANGES]
+            if diffs:
+                shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+                raise UserInputError(
+                    f"--workdir {workdir!r} holds a run with a different configuration ({shown}); "
+                    "use another --workdir or --overwrite")
+            resumable = True
+        elif any(os.path.exists(os.path.join(workdir, n)) for n in ("metrics.jsonl", CHECKPOINT_DIR)):
+            raise UserInputError(
+                f"--workdir {workdir!r} holds results without a {CONFIG_FILE} (an older run?); "
+                "use another --workdir or --overwrite")
+        else:
+            resumable = False
+        with open(path, "w") as f:
+            json.dump(new, f, indent=2)
+    except OSError as e:
+        raise UserInputError(f"cannot write to --workdir {workdir!r}: {e.strerror or e}") from None
+    return resumable
+
+
+class Checkpoints:
+    """Orbax checkpoints of (algorithm state, loop state) every `every` rounds.
+
+    The loop state is JSON (round, byte totals, round times) plus the arrays that make a
+    resumed run reproduce an uninterrupted one (the participation schedule, the training key).
+    """
+
+    def __init__(self, workdir: str, every: int, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.every = every
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=True))
+
+    def latest_round(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, round_done: int, state: Any, arrays: dict, meta: dict, force: bool = False) -> None:
+        """Saves after `round_done` rounds if it is a checkpoint round (or `force`)."""
+        if not force and (self.every <= 0 or round_done % self.every):
+            return
+        if round_done in self.manager.all_steps():
+            return
+        ocp = self._ocp
+        self.manager.save(round_done, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), arrays=ocp.args.StandardSave(arrays),
+            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, state_like: Any) -> tuple[int, Any, dict, dict]:
+        """(round, state, arrays, meta) of the latest checkpoint; state shaped like `state_like`."""
+        ocp = self._ocp
+        step = self.manager.latest_step()
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(state_like), arrays=ocp.args.StandardRestore(),
+            meta=ocp.args.JsonRestore()))
+        # Orbax returns arrays committed to a device; a fresh run's state is uncommitted and
+        # may be placed anywhere (e.g. split over the host devices by the 'shard' strategy).
+        # The host round trip copies the bits exactly.
+        state = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), out["state"])
+        return step, state, out["arrays"], out["meta"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _scalar_items(record: dict) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MetricsWriter:
+    """metrics.jsonl + metrics.csv + TensorBoard, truncated to `resume_round` on resume."""
+
+    def __init__(self, workdir: str, resume_round: int | None, tensorboard: bool = True):
+        self.workdir = workdir
+        self.jsonl = os.path.join(workdir, "metrics.jsonl")
+        self.csv = os.path.join(workdir, "metrics.csv")
+        self.records: list[dict] = []
+        if resume_round is not None and os.path.exists(self.jsonl):
+            with open(self.jsonl) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            self.records = [r for r in rows if r["round"] <= resume_round]
+        with open(self.jsonl, "w") as f:
+            for r in self.records:
+                f.write(json.dumps(r) + "\n")
+        self._csv_columns: list[str] | None = None
+        self._rewrite_csv()
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            # purge_step: events of rounds after the checkpoint (from the interrupted
+            # attempt) are discarded by TensorBoard.
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"),
+                                    purge_step=None if resume_round is None else resume_round + 1,
+                                    flush_secs=30)
+
+    def _rewrite_csv(self) -> None:
+        with open(self.csv, "w", newline="") as f:
+            if not self.records:
+                return
+            self._csv_columns = list(_scalar_items(self.records[0]))
+            w = csv.DictWriter(f, self._csv_columns, extrasaction="ignore")
+            w.writeheader()
+            for r in self.records:
+                w.writerow(_scalar_items(r))
+
+    def round_scalars(self, round_done: int, scalars: dict[str, float]) -> None:
+        """Per-round values (train loss, seconds, bytes) for TensorBoard."""
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"round/{k}", v, round_done)
+
+    def evaluation(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._csv_columns is None:
+            self._rewrite_csv()
+        else:
+            with open(self.csv, "a", newline="") as f:
+                csv.DictWriter(f, self._csv_columns, extrasaction="ignore").writerow(_scalar_items(record))
+        if self.tb is not None:
+            for k, v in _scalar_items(record).items():
+                if k != "round":
+                    self.tb.add_scalar(f"eval/{k}", v, record["round"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def save_alpha_log(workdir: str, alpha_log: dict, layer_names: tuple[str, ...]) -> None:
+    """alpha.npz: round [E], alpha [E, N, L, N], retained [E, N, L], layers [L]."""
+    if not alpha_log["round"]:
+        return
+    tmp = os.path.join(workdir, "alpha.tmp.npz")
+    np.savez(tmp, round=np.array(alpha_log["round"]), alpha=np.stack(alpha_log["alpha"]),
+             retained=np.stack(alpha_log["retained"]), layers=np.array(layer_names))
+    os.replace(tmp, os.path.join(workdir, "alpha.npz"))  # never a half-written file
+
+
+def load_alpha_log(workdir: str, resume_round: int) -> dict:
+    """The alpha history up to `resume_round` (empty if there is none)."""
+    log = {"round": [], "alpha": [], "retained": []}
+    path = os.path.join(workdir, "alpha.npz")
+    if not os.path.exists(path):
+        return log
+    with np.load(path) as z:
+        for r, a, k in zip(z["round"], z["alpha"], z["retained"]):
+            if int(r) <= resume_round:
+                log["round"].append(int(r))
+                log["alpha"].append(a)
+                log["retained"].append(k)
+    return log

@@ -1,0 +1,150 @@
+"""Checkpoint/resume: a killed and resumed run equals an uninterrupted one, bit for bit.
+
+Also: a workdir made by another configuration is refused (unless --overwrite), and a
+diverging run stops with a clear message while its last good checkpoint stays usable.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = {"round_seconds", "eval_seconds"}
+
+# A tiny pFedLA run (partial participation, so the schedule matters) driven from a child
+# process; with KILL_AT set, the child SIGKILLs itself while logging that round: no
+# cleanup, no final checkpoint, possibly an asynchronous checkpoint still in flight.
+SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from pfedla_jax.core.local_training import LocalTrainConfig
+    from pfedla_jax.training.loop import ExperimentConfig, RunOptions, run_experiment
+
+    workdir, kill_at = sys.argv[1], int(sys.argv[2])
+
+    def log(line):
+        print(line, flush=True)
+        if kill_at and line.startswith(f"round {kill_at:4d}/"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    config = ExperimentConfig(
+        algorithm="pfedla", dataset="synthetic", synthetic_per_class=40, num_clients=4,
+        classes_per_client=2, rounds=6, eval_every=1, participation=0.5,
+        train=LocalTrainConfig(batch_size=16, lr=0.05))
+    run_experiment(config, workdir, log=log, options=RunOptions(checkpoint_every=2))
+""")
+
+
+def _child(workdir, kill_at=0):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-c", SCRIPT, str(workdir), str(kill_at)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _metrics(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    p = _child(straight)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    p = _child(resumed, kill_at=5)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-3000:])
+    assert not (resumed / "summary.json").exists()
+    # the interrupted attempt already logged round 5's metrics, which the resumed run must
+    # replace (not duplicate)
+    assert [r["round"] for r in _metrics(resumed)] == [1, 2, 3, 4, 5]
+
+    p = _child(resumed)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed after round" in p.stdout
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["resumed_from_round"] in (2, 4)
+
+    a, b = _metrics(straight), _metrics(resumed)
+    assert [r["round"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert a == b  # exact equality of every accuracy, loss, alpha statistic and byte count
+    za, zb = np.load(straight / "alpha.npz"), np.load(resumed / "alpha.npz")
+    np.testing.assert_array_equal(za["round"], zb["round"])
+    np.testing.assert_array_equal(za["alpha"], zb["alpha"])
+    # the CSV mirrors the JSONL rows
+    with open(resumed / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["round"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert float(rows[-1]["test_acc"]) == b[-1]["test_acc"]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(resumed / "tb"))
+
+
+def _cli(args, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+BASE = ["--dataset=synthetic", "--synthetic_per_class=40", "--num_clients=4",
+        "--classes_per_client=2", "--rounds=2", "--batch_size=16", "--quiet"]
+
+
+def test_mismatched_workdir_is_refused_unless_overwrite(tmp_path):
+    workdir = f"--workdir={tmp_path / 'run'}"
+    assert _cli(BASE + ["--lr=0.05", workdir]).returncode == 0
+    # the same command again: the finished run is found and reported, not recomputed
+    p = _cli(BASE + ["--lr=0.05", workdir])
+    assert p.returncode == 0 and "final test_acc" in p.stdout, p.stderr[-2000:]
+    p = _cli(BASE + ["--lr=0.1", workdir])
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "different configuration" in err[0] and "0.05 -> 0.1" in err[0], err
+    p = _cli(BASE + ["--lr=0.1", "--overwrite", workdir])
+    assert p.returncode == 0, p.stderr[-2000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["lr"] == 0.1
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from pfedla_jax.algorithms import FedAvg
+    from pfedla_jax.core.local_training import LocalTrainConfig
+    from pfedla_jax.errors import UserInputError
+    from pfedla_jax.training.loop import ExperimentConfig, RunOptions, run_experiment
+
+    config = ExperimentConfig(algorithm="fedavg", dataset="synthetic", synthetic_per_class=40,
+                              num_clients=4, classes_per_client=2, rounds=5, eval_every=1,
+                              train=LocalTrainConfig(batch_size=16, lr=0.05))
+    workdir = str(tmp_path / "run")
+    original = FedAvg.round
+
+    def exploding_round(self, state, round_idx, participants, round_key):
+        state, info = original(self, state, round_idx, participants, round_key)
+        if round_idx == 3:  # the 4th round blows up, as a huge learning rate would
+            state = jax.tree.map(lambda a: a * jnp.inf, state)
+        return state, info
+
+    monkeypatch.setattr(FedAvg, "round", exploding_round)
+    with pytest.raises(UserInputError, match=r"diverged at round 4.*last good checkpoint \(round 2\)"):
+        run_experiment(config, workdir, log=lambda s: None, options=RunOptions(checkpoint_every=2))
+    monkeypatch.setattr(FedAvg, "round", original)
+    # the kept checkpoint resumes (round 3 onwards) and finishes with finite metrics
+    summary = run_experiment(config, workdir, log=lambda s: None, options=RunOptions(checkpoint_every=2))
+    assert summary["resumed_from_round"] == 2
+    assert [r["round"] for r in summary["records"]] == [1, 2, 3, 4, 5]
+    assert np.isfinite(summary["final"]["test_acc"])
+
+
+def test_diverging_cli_run_is_one_line_error(tmp_path):
+    p = _cli(BASE + ["--algorithm=pfedla", "--hn_lr=1e30", "--rounds=3", f"--workdir={tmp_path}"])
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: training diverged"), p.stderr[-2000:]
