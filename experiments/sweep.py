@@ -4,6 +4,9 @@ Each --run is `NAME:field=value,field=value` over ExperimentConfig fields (neste
 with a dot: `pfedla.hn_lr=0.1`, `pfedla.hn.normalization=softmax`, `train.local_epochs=5`).
 Base settings come from the other flags (same names as experiments.run).
 
+With --seeds=0,1,2 every run is repeated per seed and a mean ± std table (final round and
+best round, labelled) is printed; with --sweep_dir every run gets its own resumable workdir.
+
 Example (the pFedLA hypernetwork sweep in BUILD_NOTES.md):
 
   python -m experiments.sweep --dataset=fmnist --samples_per_client=200 --rounds=60 \
@@ -24,6 +27,11 @@ from experiments.run import fail, start
 
 _RUNS = flags.DEFINE_multi_string("run", [], "NAME:field=value,... (repeatable).")
 _OUT = flags.DEFINE_string("out", None, "Write all summaries to this JSON file.")
+_SEEDS = flags.DEFINE_string("seeds", None, "Comma-separated seeds: run every --run once per seed "
+                             "and print a mean ± std table (overrides --seed).")
+_ROOT = flags.DEFINE_string("sweep_dir", None, "Give every run a workdir SWEEP_DIR/NAME/seed_S "
+                            "(checkpoints, metrics; a re-run resumes) and write "
+                            "SWEEP_DIR/seeds.{json,md}.")
 
 
 def _parse_value(text: str):
@@ -43,43 +51,81 @@ def _override(config, dotted: str, value):
         fail(f"unknown config field {dotted!r}")
     if rest:
         return dataclasses.replace(config, **{head: _override(getattr(config, head), rest, value)})
+    current = getattr(config, head)
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            fail(f"config field {dotted!r} takes a number, got {value!r}")
+        value = type(current)(value) if isinstance(current, float) else value
     return dataclasses.replace(config, **{head: value})
+
+
+def _seeds(text):
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--seeds must be comma-separated integers, got {text!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        fail(f"--seeds must list distinct integers, got {text!r}")
+    return seeds
 
 
 def main(argv):
     start(argv)
-    from experiments.run import _config
+    from experiments.run import _config, _run_options
     from pfedla_jax.errors import UserInputError
     from pfedla_jax.training.loop import run_experiment
+    from pfedla_jax.training.tables import format_seed_table, seed_table
 
     base = _config()
+    seeds = _seeds(_SEEDS.value)
+    if not _RUNS.value:
+        fail("give at least one --run=NAME:field=value,...")
+    names = [spec.partition(":")[0] for spec in _RUNS.value]
+    if len(set(names)) != len(names) or not all(names):
+        fail(f"--run names must be distinct and non-empty, got {names}")
     results = []
-    for spec in _RUNS.value:
-        name, _, body = spec.partition(":")
-        config = base
-        for item in filter(None, body.split(",")):
-            key, _, val = item.partition("=")
-            config = _override(config, key.strip(), _parse_value(val.strip()))
-        try:
-            summary = run_experiment(config, None, log=lambda s: None)
-        except UserInputError as e:
-            fail(f"{name}: {e}")
-        final = summary["final"]
-        row = {"name": name, "test_acc": final["test_acc"], "best_test_acc": summary["best_test_acc"],
-               "best_round": summary["best_round"], "local_test_acc": final.get("local_test_acc"),
-               "alpha_self_mean": final.get("alpha_self_mean"),
-               "median_round_seconds": summary["median_round_seconds"],
-               "alpha_self": {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("alpha_self/")},
-               "spec": spec}
-        results.append(row)
-        fmt = lambda v: "   -  " if v is None else f"{v:.4f}"
-        print(f"{name:>24}  final {row['test_acc']:.4f}  best {row['best_test_acc']:.4f}@{row['best_round']:<4d}"
-              f" local-view {fmt(row['local_test_acc'])}  self {fmt(row['alpha_self_mean'])}  "
-              f"{row['median_round_seconds']:.2f}s/round", flush=True)
-        if _OUT.value:
-            os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-            with open(_OUT.value, "w") as f:
-                json.dump({"base": dataclasses.asdict(base), "results": results}, f, indent=2)
+    for seed in seeds or [base.seed]:
+        for spec in _RUNS.value:
+            name, _, body = spec.partition(":")
+            config = dataclasses.replace(base, seed=seed)
+            for item in filter(None, body.split(",")):
+                key, _, val = item.partition("=")
+                config = _override(config, key.strip(), _parse_value(val.strip()))
+            workdir = (os.path.join(_ROOT.value, name, f"seed_{config.seed}") if _ROOT.value else None)
+            try:
+                summary = run_experiment(config, workdir, log=lambda s: None, options=_run_options())
+            except UserInputError as e:
+                fail(f"{name}: {e}")
+            final = summary["final"]
+            row = {"name": name, "seed": config.seed, "test_acc": final["test_acc"],
+                   "best_test_acc": summary["best_test_acc"],
+                   "best_round": summary["best_round"], "local_test_acc": final.get("local_test_acc"),
+                   "alpha_self_mean": final.get("alpha_self_mean"),
+                   "median_round_seconds": summary["median_round_seconds"],
+                   "alpha_self": {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("alpha_self/")},
+                   "spec": spec}
+            results.append(row)
+            fmt = lambda v: "   -  " if v is None else f"{v:.4f}"
+            print(f"{name:>24} seed {config.seed:<3d} final {row['test_acc']:.4f}  best "
+                  f"{row['best_test_acc']:.4f}@{row['best_round']:<4d} local-view "
+                  f"{fmt(row['local_test_acc'])}  self {fmt(row['alpha_self_mean'])}  "
+                  f"{row['median_round_seconds']:.2f}s/round", flush=True)
+            if _OUT.value:
+                os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+                with open(_OUT.value, "w") as f:
+                    json.dump({"base": dataclasses.asdict(base), "results": results}, f, indent=2)
+    if seeds:
+        table = seed_table(results)
+        text = format_seed_table(table)
+        print(f"\nmean ± std over seeds {seeds} (accuracy %):\n{text}", flush=True)
+        if _ROOT.value:
+            with open(os.path.join(_ROOT.value, "seeds.json"), "w") as f:
+                json.dump({"base": dataclasses.asdict(base), "seeds": seeds, "table": table,
+                           "results": results}, f, indent=2)
+            with open(os.path.join(_ROOT.value, "seeds.md"), "w") as f:
+                f.write(text + "\n")
 
 
 if __name__ == "__main__":
