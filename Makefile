@@ -1,5 +1,6 @@
 # Fresh-machine entry points. `make run` = the main job, `make test` = the test suite.
-# Both create .venv and install the package on first use; the real Fashion-MNIST files
+# Both create .venv and install the package (with the CPU PyTorch 2.13.0 of the parity test)
+# on first use; the real Fashion-MNIST files
 # come from Debian's dataset-fashion-mnist package (installed if missing; needs root).
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,14 +15,14 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[test]"
+	$(VENV)/bin/pip install -q -e ".[test,torch]"
 	touch $@
 
 data:
 	@test -f $(FMNIST) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
 
 test: setup data
-	$(PY) -m pytest -q
+	PFEDLA_REQUIRE_TORCH=1 $(PY) -m pytest -q
 
 run: setup data
 	$(PY) -m experiments.run --flagfile=experiments/presets/fmnist_quick.flags --workdir=$(WORKDIR)

@@ -92,6 +92,46 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array):
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
+def client_batch_plan(client_key, count, own_idx, *, batch_size: int, num_steps: int,
+                      num_epochs: int, total_steps):
+    """The minibatches of one client's local training (pure, traceable).
+
+    Each epoch e is a fresh permutation of the client's `count` real examples drawn from
+    `fold_in(client_key, e)` (padding slots of `own_idx` sort last); an epoch is
+    ceil(count / batch_size) steps, the last one partial, as a PyTorch DataLoader without
+    drop_last; steps from `total_steps` on (the padding of a client smaller than the
+    cohort's largest) are fully masked.
+
+    Args:
+      client_key: the client's key of this round, fold_in(round_key, client_id).
+      count: int scalar, the client's number of training examples (>= 1).
+      own_idx: int [max_train], the client's row of ClientStore.train_idx.
+      batch_size: B.
+      num_steps: static number of steps (rows of the plan).
+      num_epochs: static number of epoch permutations to draw (enough to cover num_steps).
+      total_steps: int scalar, the client's own number of live steps.
+
+    Returns:
+      (idx [num_steps, B] = own_idx entries, i.e. indices into the store's images,
+       mask bool [num_steps, B], True for real examples).
+    """
+    max_train = own_idx.shape[0]
+    slots = jnp.arange(max_train)
+
+    def epoch_order(e):
+        u = jax.random.uniform(jax.random.fold_in(client_key, e), (max_train,))
+        return jnp.argsort(jnp.where(slots < count, u, 2.0))
+
+    orders = jax.vmap(epoch_order)(jnp.arange(num_epochs))            # [E, max_train]
+    steps_per_epoch = (count + batch_size - 1) // batch_size
+    s = jnp.arange(num_steps)[:, None]
+    epoch = s // steps_per_epoch
+    pos = (s % steps_per_epoch) * batch_size + jnp.arange(batch_size)[None, :]
+    mask = (pos < count) & (s < total_steps)
+    slot = orders[jnp.minimum(epoch, num_epochs - 1), jnp.minimum(pos, max_train - 1)]
+    return own_idx[slot], mask
+
+
 class ClientTrainer:
     """Trains a stack of clients from given starting params.
 
@@ -112,7 +152,6 @@ class ClientTrainer:
         if counts.min() < 1:
             raise UserInputError("every client needs at least one training example")
         batch = config.batch_size
-        self._max_train = int(store.train_idx.shape[1])
         steps_per_epoch = -(-counts // batch)
         if config.local_steps > 0:
             self.num_steps = int(config.local_steps)
@@ -130,35 +169,46 @@ class ClientTrainer:
                 store, jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec()))
 
     # ------------------------------------------------------------------ one client
+    def _plan(self, client_id, round_key, store: ClientStore):
+        """(idx [num_steps, B], mask bool [num_steps, B]) of one client; traceable."""
+        cfg = self.config
+        n = store.train_count[client_id]
+        total_steps = ((n + cfg.batch_size - 1) // cfg.batch_size * cfg.local_epochs
+                       if cfg.local_steps == 0 else jnp.int32(cfg.local_steps))
+        return client_batch_plan(jax.random.fold_in(round_key, client_id), n,
+                                 store.train_idx[client_id], batch_size=cfg.batch_size,
+                                 num_steps=self.num_steps, num_epochs=self._num_epochs,
+                                 total_steps=total_steps)
+
+    def batch_plan(self, client_id, round_key) -> tuple[np.ndarray, np.ndarray]:
+        """The exact examples `train` feeds client `client_id` in the round of `round_key`.
+
+        Args:
+          client_id: which stored client (row of the ClientStore).
+          round_key: the round's PRNG key, as passed to `train`.
+
+        Returns:
+          (idx int32 [num_steps, B]: indices into store.images / store.labels,
+           mask bool [num_steps, B]: True for real examples). Step s trains on
+          idx[s][mask[s]] (the real examples are a prefix of the row; the loss is their
+          mean); a step whose mask is all False changes nothing. Rows of idx at masked
+          positions are valid indices but meaningless.
+        """
+        if "plan" not in self._compiled:
+            self._compiled["plan"] = jax.jit(self._plan)
+        idx, mask = self._compiled["plan"](jnp.int32(client_id), round_key, self.store)
+        return np.asarray(idx), np.asarray(mask)
+
     def _client_update(self, params, batch_stats, client_id, round_key, store: ClientStore):
         """E epochs of SGD for one client. Pure; traced once per strategy."""
         self.trace_count += 1
-        cfg = self.config
-        batch = cfg.batch_size
-        n = store.train_count[client_id]
-        steps_per_epoch = (n + batch - 1) // batch
-        total_steps = (steps_per_epoch * cfg.local_epochs if cfg.local_steps == 0
-                       else jnp.int32(cfg.local_steps))
-        key = jax.random.fold_in(round_key, client_id)
-        slots = jnp.arange(self._max_train)
-
-        def epoch_order(e):
-            # A fresh permutation of the client's n real examples each epoch; padding slots
-            # sort last.
-            u = jax.random.uniform(jax.random.fold_in(key, e), (self._max_train,))
-            return jnp.argsort(jnp.where(slots < n, u, 2.0))
-
-        orders = jax.vmap(epoch_order)(jnp.arange(self._num_epochs))
-        own_idx = store.train_idx[client_id]
+        plan_idx, plan_mask = self._plan(client_id, round_key, store)
         opt_state = self._tx.init(params)
 
-        def step(carry, s):
+        def step(carry, xs):
             params, batch_stats, opt_state, loss_sum, seen = carry
-            epoch = s // steps_per_epoch
-            pos = (s % steps_per_epoch) * batch + jnp.arange(batch)
-            mask = ((pos < n) & (s < total_steps)).astype(jnp.float32)
-            slot = orders[jnp.minimum(epoch, self._num_epochs - 1), jnp.minimum(pos, self._max_train - 1)]
-            idx = own_idx[slot]
+            idx, mask = xs
+            mask = mask.astype(jnp.float32)
             x = normalize_images(store.images[idx], store.mean, store.std)
             y = store.labels[idx]
 
@@ -181,7 +231,7 @@ class ClientTrainer:
 
         init = (params, batch_stats, opt_state, jnp.float32(0.0), jnp.float32(0.0))
         (params, batch_stats, _, loss_sum, seen), _ = jax.lax.scan(
-            step, init, jnp.arange(self.num_steps))
+            step, init, (plan_idx, plan_mask))
         return params, batch_stats, {"loss_sum": loss_sum, "num_examples": seen}
 
     # ------------------------------------------------------------------ strategies
