@@ -27,5 +27,8 @@ test: setup data
 run: setup data
 	$(PY) -m experiments.run --flagfile=experiments/presets/fmnist_quick.flags --workdir=$(WORKDIR)
 
+bench: setup
+	$(PY) -m experiments.benchmark --out=runs/benchmark.json
+
 clean:
 	rm -rf $(VENV) runs

@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib")
-
 from experiments import plots
 from pfedla_jax.errors import UserInputError
 
@@ -21,11 +19,9 @@ ALL_PNGS = ("accuracy.png", "alpha_heatmap_fc1.png", "self_weight_per_layer.png"
 
 
 def _quiet_options():
-    """No periodic checkpoints or TensorBoard files where the loop has those options."""
-    try:
-        from pfedla_jax.training.loop import RunOptions
-    except ImportError:
-        return {}
+    """No periodic checkpoints or TensorBoard files."""
+    from pfedla_jax.training.loop import RunOptions
+
     return {"options": RunOptions(checkpoint_every=0, tensorboard=False)}
 
 

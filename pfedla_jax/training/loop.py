@@ -13,13 +13,21 @@ import math
 import os
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfedla_jax.algorithms import ALGORITHMS, FedAvg, FLContext, Local, PFedLA, PFedLAConfig
+from pfedla_jax.algorithms import (
+    ALGORITHMS,
+    FedAvg,
+    FLContext,
+    Local,
+    PFedLA,
+    PFedLAConfig,
+)
 from pfedla_jax.algorithms.base import INITS
 from pfedla_jax.core.evaluation import Evaluator, summarize
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
@@ -27,8 +35,13 @@ from pfedla_jax.data import build_client_store, load_dataset, make_partition
 from pfedla_jax.data.store import label_histogram
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import count_params, layer_names, make_cnn
-from pfedla_jax.training.workdir import (Checkpoints, MetricsWriter, load_alpha_log,
-                                         prepare_workdir, save_alpha_log)
+from pfedla_jax.training.workdir import (
+    Checkpoints,
+    MetricsWriter,
+    load_alpha_log,
+    prepare_workdir,
+    save_alpha_log,
+)
 
 
 @dataclasses.dataclass(frozen=True)

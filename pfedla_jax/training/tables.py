@@ -8,7 +8,8 @@ labelled, so a reader can tell them apart.
 from __future__ import annotations
 
 import statistics
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 COLUMNS = (("test_acc", "final test_acc"), ("best_test_acc", "best-round test_acc"),
            ("local_test_acc", "final, after local training"))

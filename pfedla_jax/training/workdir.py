@@ -163,8 +163,7 @@ class MetricsWriter:
                 rows = [json.loads(line) for line in f if line.strip()]
             self.records = [r for r in rows if r["round"] <= resume_round]
         with open(self.jsonl, "w") as f:
-            for r in self.records:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
         self._csv_columns: list[str] | None = None
         self._rewrite_csv()
         self.tb = None
