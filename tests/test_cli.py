@@ -62,6 +62,9 @@ BAD = [
     (["--samples_per_client=4", "--classes_per_client=4"], "no test examples"),
     (["--algorithm=pfedla", "--hn_lr=1e30", "--rounds=3"], "diverged"),
     (["--workdir=/proc/no/such/dir"], "workdir"),
+    (["--checkpoint_every=-1"], "checkpoint_every"),
+    (["--log_every=-2"], "log_every"),
+    (["--partition=adjacent", "--classes_per_client=11"], "class"),
 ]
 
 

@@ -52,3 +52,19 @@ def test_sweep_over_seeds_writes_the_table(tmp_path):
     assert "local_test_acc_mean" in by_name["fedavg"]
     assert (root / "seeds.md").read_text().startswith("| run | seeds |")
     assert "mean ± std over seeds [0, 1]" in p.stdout
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--seeds=a,b", "--run=x:algorithm=local"], "seeds"),
+    (["--seeds=1,1", "--run=x:algorithm=local"], "distinct"),
+    ([], "--run"),
+    (["--run=x:train.lr=fast"], "number"),
+    (["--run=x:no_such_field=1"], "no_such_field"),
+])
+def test_sweep_bad_input_is_one_line(args, pattern):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", "experiments.sweep", "--dataset=synthetic", *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err
