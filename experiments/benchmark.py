@@ -317,6 +317,17 @@ def main(argv):
         torch.set_num_threads(threads)
         versions.update(torch=torch.__version__, torch_threads=threads,
                         torch_cuda=torch.cuda.is_available())
+    from pfedla_jax.errors import UserInputError
+
+    try:
+        _run(versions, server_ns)
+    except UserInputError as e:
+        fail(str(e))
+
+
+def _run(versions: dict, server_ns: list[int]) -> None:
+    import jax
+
     report = {"machine": _machine(), "versions": versions, "rounds": [], "server": []}
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
           f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices)"

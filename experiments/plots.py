@@ -35,6 +35,7 @@ import json
 import os
 import re
 import sys
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,9 +113,11 @@ def read_alpha(path: str) -> dict[str, np.ndarray]:
             out = {k: z[k] for k in ("round", "alpha", "retained", "layers")}
     except KeyError as e:
         raise UserInputError(f"{path} lacks the array {e}") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise UserInputError(f"cannot read {path}: {e}") from None
     a = out["alpha"]
+    if not np.all(np.isfinite(a)):
+        raise UserInputError(f"{path}: alpha holds non-finite values (a diverged run?)")
     if a.ndim != 4 or a.shape[1] != a.shape[3] or a.shape[0] != out["round"].shape[0] \
             or a.shape[2] != out["layers"].shape[0] or a.shape[0] == 0:
         raise UserInputError(f"{path}: alpha has shape {a.shape}, expected [evals, N, layers, N] "

@@ -30,7 +30,7 @@ _OUT = flags.DEFINE_string("out", None, "Write all summaries to this JSON file."
 _SEEDS = flags.DEFINE_string("seeds", None, "Comma-separated seeds: run every --run once per seed "
                              "and print a mean ± std table (overrides --seed).")
 _ROOT = flags.DEFINE_string("sweep_dir", None, "Give every run a workdir SWEEP_DIR/NAME/seed_S "
-                            "(checkpoints, metrics; a re-run resumes) and write "
+                            "(checkpoints, metrics; a re-run resumes); with --seeds also write "
                             "SWEEP_DIR/seeds.{json,md}.")
 
 
@@ -52,10 +52,14 @@ def _override(config, dotted: str, value):
     if rest:
         return dataclasses.replace(config, **{head: _override(getattr(config, head), rest, value)})
     current = getattr(config, head)
+    if dataclasses.is_dataclass(current):
+        fail(f"config field {dotted!r} is a group; set one of its fields ({dotted}.NAME=...)")
     if isinstance(current, (int, float)) and not isinstance(current, bool):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             fail(f"config field {dotted!r} takes a number, got {value!r}")
-        value = type(current)(value) if isinstance(current, float) else value
+        if isinstance(current, int) and not float(value).is_integer():
+            fail(f"config field {dotted!r} takes an integer, got {value!r}")
+        value = float(value) if isinstance(current, float) else int(value)
     return dataclasses.replace(config, **{head: value})
 
 
@@ -92,6 +96,8 @@ def main(argv):
             config = dataclasses.replace(base, seed=seed)
             for item in filter(None, body.split(",")):
                 key, _, val = item.partition("=")
+                if seeds and key.strip() == "seed":
+                    fail(f"--run {name!r} sets seed while --seeds is given")
                 config = _override(config, key.strip(), _parse_value(val.strip()))
             workdir = (os.path.join(_ROOT.value, name, f"seed_{config.seed}") if _ROOT.value else None)
             try:

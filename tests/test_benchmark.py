@@ -41,6 +41,7 @@ def test_tiny_benchmark_writes_every_figure(tmp_path):
     (["--algorithm=fedprox"], "algorithm"),
     (["--local_steps=0"], "local_steps"),
     (["--server_clients=1"], "server_clients"),
+    (["--client_parallelism=magic", "--models=fmnist", "--num_clients=2", "--local_steps=1"], "client_parallelism"),
 ])
 def test_bad_flags(args, pattern):
     p = _bench(args + ["--skip_torch"], timeout=120)

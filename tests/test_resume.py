@@ -148,3 +148,27 @@ def test_diverging_cli_run_is_one_line_error(tmp_path):
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: training diverged"), p.stderr[-2000:]
+
+
+def test_extending_rounds_equals_one_longer_run(tmp_path):
+    """rounds=3 (last round evaluated although eval_every=2), then --rounds=4 in the same
+    workdir: the files equal a straight 4-round run (rows 2 and 4, not 2, 3, 4)."""
+    from pfedla_jax.core.local_training import LocalTrainConfig
+    from pfedla_jax.training.loop import ExperimentConfig, RunOptions, run_experiment
+
+    def config(rounds):
+        return ExperimentConfig(algorithm="pfedla", dataset="synthetic", synthetic_per_class=40,
+                                num_clients=3, classes_per_client=2, rounds=rounds, eval_every=2,
+                                train=LocalTrainConfig(batch_size=16, local_steps=2, lr=0.05))
+
+    opts = RunOptions(checkpoint_every=2, tensorboard=False)
+    straight, extended = str(tmp_path / "straight"), str(tmp_path / "extended")
+    run_experiment(config(4), straight, log=lambda s: None, options=opts)
+    first = run_experiment(config(3), extended, log=lambda s: None, options=opts)
+    assert [r["round"] for r in first["records"]] == [2, 3]
+    run_experiment(config(4), extended, log=lambda s: None, options=opts)
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "extended")
+    assert [r["round"] for r in b] == [2, 4]
+    assert a == b
+    np.testing.assert_array_equal(np.load(f"{straight}/alpha.npz")["alpha"],
+                                  np.load(f"{extended}/alpha.npz")["alpha"])

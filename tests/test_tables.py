@@ -68,3 +68,17 @@ def test_sweep_bad_input_is_one_line(args, pattern):
     assert p.returncode == 2, p.stderr[-2000:]
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--run=x:rounds=2.5"], "integer"),
+    (["--run=x:train=5"], "group"),
+    (["--seeds=0,1", "--run=x:seed=5"], "sets seed"),
+])
+def test_sweep_bad_override_is_one_line(args, pattern):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", "experiments.sweep", "--dataset=synthetic", *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err

@@ -8,6 +8,7 @@ and `alpha.npz` for pFedLA (alpha of every client and layer at every evaluated r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from pfedla_jax.models import count_params, layer_names, make_cnn
 from pfedla_jax.training.workdir import (
     Checkpoints,
     MetricsWriter,
+    kept_round,
     load_alpha_log,
     prepare_workdir,
     save_alpha_log,
@@ -241,9 +243,11 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
                                  "participation schedule or keys; use --overwrite")
         round_times = list(meta["round_times"])
         bytes_up_total, bytes_down_total = int(meta["bytes_up_total"]), int(meta["bytes_down_total"])
-        alpha_log = load_alpha_log(workdir, start_round)
-    writer = MetricsWriter(workdir, start_round if resume_round is not None else None,
-                           options.tensorboard) if workdir else None
+    keep = (functools.partial(kept_round, resume_round=start_round, eval_every=config.eval_every,
+                              rounds=config.rounds) if resume_round is not None else None)
+    if keep is not None:
+        alpha_log = load_alpha_log(workdir, keep)
+    writer = MetricsWriter(workdir, keep, resume_round, options.tensorboard) if workdir else None
     records = writer.records if writer else []
 
     log(f"{algo.name}: {config.dataset} {config.partition}, {config.num_clients} clients "
@@ -257,18 +261,26 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
             return
         if force or (options.checkpoint_every and round_done % options.checkpoint_every == 0):
             save_alpha_log(workdir, alpha_log, layer_names_)  # before the checkpoint commits
+            if writer:
+                writer.flush()
             checkpoints.save(round_done, state,
                              {"schedule": schedule[:round_done],
                               "train_key": jax.random.key_data(key_train)},
-                             {"round_times": round_times, "bytes_up_total": bytes_up_total,
+                             # a copy: orbax serialises asynchronously while rounds go on
+                             {"round_times": list(round_times), "bytes_up_total": bytes_up_total,
                               "bytes_down_total": bytes_down_total}, force=True)
 
-    def _kept_checkpoint() -> str:
+    def _divergence_hint() -> str:
+        hint = " (lower --lr or --hn_lr"
         if checkpoints is None:
-            return ""
+            return hint + ")"
         checkpoints.manager.wait_until_finished()
         last = checkpoints.latest_round()
-        return f"; the last good checkpoint (round {last}) is kept in {workdir}" if last is not None else ""
+        if last is None:
+            return hint + " and use --overwrite or another --workdir)"
+        # the workdir pins its configuration: a lower learning rate is a new run
+        return (hint + " with --overwrite or another --workdir); the last good checkpoint "
+                f"(round {last}) is kept in {workdir}")
 
     t_start = time.perf_counter()
     last_acc = records[-1]["test_acc"] if records else float("nan")
@@ -287,7 +299,7 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
             if not math.isfinite(train_loss) or not bool(_all_finite(state)):
                 raise UserInputError(f"training diverged at round {t + 1}: train loss {train_loss:.4g}, "
                                      "non-finite values in the model or hypernetwork state "
-                                     "(lower --lr or --hn_lr)" + _kept_checkpoint())
+                                     + _divergence_hint())
             if writer:
                 writer.round_scalars(t + 1, {"train_loss": train_loss, "seconds": dt,
                                              "examples_per_second": seen / dt,
@@ -307,16 +319,16 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
                               bytes_up_total=bytes_up_total, bytes_down_total=bytes_down_total)
                 if "alpha" in exports:
                     record.update(_alpha_stats(exports["alpha"], algo.layer_map.names))
-                    alpha_log["round"].append(t + 1)
-                    alpha_log["alpha"].append(exports["alpha"])
-                    alpha_log["retained"].append(exports["retained"])
                 bad = [k for k, v in record.items()
                        if isinstance(v, float) and not math.isfinite(v)]
                 if bad or ("alpha" in exports and not np.all(np.isfinite(exports["alpha"]))):
                     raise UserInputError(
                         f"training diverged at round {t + 1}: non-finite "
-                        f"{', '.join(bad[:3]) or 'alpha'} at evaluation (lower --lr or --hn_lr)"
-                        + _kept_checkpoint())
+                        f"{', '.join(bad[:3]) or 'alpha'} at evaluation" + _divergence_hint())
+                if "alpha" in exports:
+                    alpha_log["round"].append(t + 1)
+                    alpha_log["alpha"].append(exports["alpha"])
+                    alpha_log["retained"].append(exports["retained"])
                 last_acc = record["test_acc"]
                 if writer:
                     writer.evaluation(record)
@@ -338,6 +350,9 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
         if writer:
             writer.close()
 
+    if not records:
+        raise UserInputError(f"--workdir {workdir!r} holds a finished run without metrics.jsonl rows; "
+                             "use --overwrite to run it again")
     steady = round_times[1:] or round_times
     final = records[-1]
     best = max(records, key=lambda r: r["test_acc"])

@@ -150,20 +150,57 @@ def _scalar_items(record: dict) -> dict[str, Any]:
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-class MetricsWriter:
-    """metrics.jsonl + metrics.csv + TensorBoard, truncated to `resume_round` on resume."""
+def kept_round(round_done: int, resume_round: int, eval_every: int, rounds: int) -> bool:
+    """Whether an evaluation row of `round_done` survives resuming from `resume_round`.
 
-    def __init__(self, workdir: str, resume_round: int | None, tensorboard: bool = True):
+    Rows after the checkpoint are recomputed. A row that exists only because it was the
+    last round of a shorter run (evaluated although not an `eval_every` round) is dropped
+    when the run is extended, so the files equal those of one uninterrupted run.
+    """
+    return round_done <= resume_round and (round_done % eval_every == 0 or round_done == rounds)
+
+
+def _replace_file(path: str, write) -> None:
+    """Writes `path` through a temporary file, so an interruption never leaves half of it."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """metrics.jsonl + metrics.csv + TensorBoard, truncated to the kept rows on resume.
+
+    Args:
+      workdir: the run directory.
+      keep: None for a fresh run (existing metrics and TensorBoard events are discarded),
+        else a predicate on the round of an existing row (resume).
+      resume_round: the round the run resumes after (TensorBoard purges later events).
+      tensorboard: write event files to WORKDIR/tb.
+    """
+
+    def __init__(self, workdir: str, keep=None, resume_round: int | None = None,
+                 tensorboard: bool = True):
         self.workdir = workdir
         self.jsonl = os.path.join(workdir, "metrics.jsonl")
         self.csv = os.path.join(workdir, "metrics.csv")
         self.records: list[dict] = []
-        if resume_round is not None and os.path.exists(self.jsonl):
+        if keep is not None and os.path.exists(self.jsonl):
+            rows = []
             with open(self.jsonl) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            self.records = [r for r in rows if r["round"] <= resume_round]
-        with open(self.jsonl, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
+                for line in f:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break  # a line cut by an interruption: it and anything after are redone
+            self.records = [r for r in rows if keep(r["round"])]
+        if keep is None:
+            # nothing to resume: events of an earlier attempt would show as duplicate curves
+            shutil.rmtree(os.path.join(workdir, "tb"), ignore_errors=True)
+            for name in ("alpha.npz", "summary.json"):
+                if os.path.exists(os.path.join(workdir, name)):
+                    os.remove(os.path.join(workdir, name))
+        _replace_file(self.jsonl, lambda f: f.writelines(json.dumps(r) + "\n" for r in self.records))
         self._csv_columns: list[str] | None = None
         self._rewrite_csv()
         self.tb = None
@@ -176,8 +213,13 @@ class MetricsWriter:
                                     purge_step=None if resume_round is None else resume_round + 1,
                                     flush_secs=30)
 
+    def flush(self) -> None:
+        """Called at checkpoints: events up to the checkpoint are on disk before it commits."""
+        if self.tb is not None:
+            self.tb.flush()
+
     def _rewrite_csv(self) -> None:
-        with open(self.csv, "w", newline="") as f:
+        def write(f):
             if not self.records:
                 return
             self._csv_columns = list(_scalar_items(self.records[0]))
@@ -185,6 +227,8 @@ class MetricsWriter:
             w.writeheader()
             for r in self.records:
                 w.writerow(_scalar_items(r))
+
+        _replace_file(self.csv, write)
 
     def round_scalars(self, round_done: int, scalars: dict[str, float]) -> None:
         """Per-round values (train loss, seconds, bytes) for TensorBoard."""
@@ -222,15 +266,15 @@ def save_alpha_log(workdir: str, alpha_log: dict, layer_names: tuple[str, ...]) 
     os.replace(tmp, os.path.join(workdir, "alpha.npz"))  # never a half-written file
 
 
-def load_alpha_log(workdir: str, resume_round: int) -> dict:
-    """The alpha history up to `resume_round` (empty if there is none)."""
+def load_alpha_log(workdir: str, keep) -> dict:
+    """The alpha history of the rounds `keep(round)` accepts (empty if there is none)."""
     log = {"round": [], "alpha": [], "retained": []}
     path = os.path.join(workdir, "alpha.npz")
     if not os.path.exists(path):
         return log
     with np.load(path) as z:
         for r, a, k in zip(z["round"], z["alpha"], z["retained"]):
-            if int(r) <= resume_round:
+            if keep(int(r)):
                 log["round"].append(int(r))
                 log["alpha"].append(a)
                 log["retained"].append(k)
