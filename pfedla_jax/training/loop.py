@@ -256,25 +256,24 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
         f"params, {ctx.trainer.num_steps} local steps/round, strategy={ctx.trainer.strategy}"
         + (f"; resumed after round {start_round}" if start_round else ""))
 
-    def save_checkpoint(round_done: int, force: bool = False) -> None:
-        if checkpoints is None:
+    def save_checkpoint(round_done: int) -> None:
+        if checkpoints is None or not checkpoints.due(round_done, final=round_done == config.rounds):
             return
-        if force or (options.checkpoint_every and round_done % options.checkpoint_every == 0):
-            save_alpha_log(workdir, alpha_log, layer_names_)  # before the checkpoint commits
-            if writer:
-                writer.flush()
-            checkpoints.save(round_done, state,
-                             {"schedule": schedule[:round_done],
-                              "train_key": jax.random.key_data(key_train)},
-                             # a copy: orbax serialises asynchronously while rounds go on
-                             {"round_times": list(round_times), "bytes_up_total": bytes_up_total,
-                              "bytes_down_total": bytes_down_total}, force=True)
+        save_alpha_log(workdir, alpha_log, layer_names_)  # before the checkpoint commits
+        if writer:
+            writer.flush()
+        checkpoints.save(round_done, state,
+                         {"schedule": schedule[:round_done],
+                          "train_key": jax.random.key_data(key_train)},
+                         # a copy: orbax serialises asynchronously while rounds go on
+                         {"round_times": list(round_times), "bytes_up_total": bytes_up_total,
+                          "bytes_down_total": bytes_down_total})
 
     def _divergence_hint() -> str:
         hint = " (lower --lr or --hn_lr"
         if checkpoints is None:
             return hint + ")"
-        checkpoints.manager.wait_until_finished()
+        checkpoints.wait()
         last = checkpoints.latest_round()
         if last is None:
             return hint + " and use --overwrite or another --workdir)"
@@ -339,7 +338,7 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
                 log(f"round {t + 1:4d}/{config.rounds}  test_acc {last_acc:.4f}  train_loss "
                     f"{train_loss:.4f}  {dt:.2f}s  {1.0 / recent:.2f} rounds/s  "
                     f"{seen / dt:,.0f} ex/s  ETA {_eta(recent * (config.rounds - t - 1))}")
-            save_checkpoint(t + 1, force=t + 1 == config.rounds)
+            save_checkpoint(t + 1)
     finally:
         # alpha.npz: at checkpoints and once at the end (rewriting the growing history at
         # every evaluation would cost O(evaluations^2) writes).

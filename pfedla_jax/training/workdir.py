@@ -98,7 +98,7 @@ def prepare_workdir(workdir: str, config: Any, overwrite: bool) -> bool:
 
 
 class Checkpoints:
-    """Orbax checkpoints of (algorithm state, loop state) every `every` rounds.
+    """Orbax checkpoints of (algorithm state, loop state) every `every` rounds and at the end.
 
     The loop state is JSON (round, byte totals, round times) plus the arrays that make a
     resumed run reproduce an uninterrupted one (the participation schedule, the training key).
@@ -117,16 +117,22 @@ class Checkpoints:
     def latest_round(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, round_done: int, state: Any, arrays: dict, meta: dict, force: bool = False) -> None:
-        """Saves after `round_done` rounds if it is a checkpoint round (or `force`)."""
-        if not force and (self.every <= 0 or round_done % self.every):
-            return
+    def due(self, round_done: int, final: bool) -> bool:
+        """Whether to checkpoint after `round_done` rounds: every `every` rounds and at the end."""
+        return final or (self.every > 0 and round_done % self.every == 0)
+
+    def save(self, round_done: int, state: Any, arrays: dict, meta: dict) -> None:
+        """Saves after `round_done` rounds (once per round: a re-save is skipped)."""
         if round_done in self.manager.all_steps():
             return
         ocp = self._ocp
         self.manager.save(round_done, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), arrays=ocp.args.StandardSave(arrays),
             meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        """Blocks until an asynchronous save in flight has committed."""
+        self.manager.wait_until_finished()
 
     def restore(self, state_like: Any) -> tuple[int, Any, dict, dict]:
         """(round, state, arrays, meta) of the latest checkpoint; state shaped like `state_like`."""
@@ -142,7 +148,7 @@ class Checkpoints:
         return step, state, out["arrays"], out["meta"]
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 
