@@ -14,12 +14,14 @@ Differences from the PyTorch original that a weight converter must know:
     rows are permuted accordingly (torch fc1.weight [120, C*H*W] -> reshape(120, C, H, W)
     .permute(2, 3, 1, 0).reshape(H*W*C, 120)).
   * ReLU is applied after the max pool. max and ReLU commute (ReLU is monotonic), so values
-    are identical and gradients are identical except at measure-zero ties; pooling first
-    makes the ReLU 4x cheaper.
+    are identical; with the first-maximum gradient rule of ops.max_pool_2x2 (PyTorch's) the
+    gradients are identical too (a window whose maximum is <= 0 gets zero gradient either
+    way). Pooling first makes the ReLU 4x cheaper.
 
 Conv and dense layers are small custom modules: Flax's `nn.Conv`/`nn.max_pool` take the slow
 XLA:CPU paths under `lax.scan`/`vmap` (see ops.py). BatchNorm is custom too, for PyTorch
-semantics (momentum 0.1, unbiased running variance) and a padding mask.
+semantics (momentum 0.1, unbiased running variance), a padding mask and a closed-form VJP.
+`conv_impl='reference'` builds the same model from plain-autodiff conv, pooling and BatchNorm.
 """
 
 from __future__ import annotations
@@ -119,10 +121,12 @@ class BatchNorm(nn.Module):
     Attributes:
       momentum: PyTorch-style momentum (weight of the new batch statistic).
       epsilon: added to the variance.
+      impl: 'custom' (ops.batch_norm_train, closed-form VJP) or 'reference' (plain autodiff).
     """
 
     momentum: float = 0.1
     epsilon: float = 1e-5
+    impl: str = "custom"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
@@ -136,6 +140,8 @@ class BatchNorm(nn.Module):
         Returns:
           [B, H, W, C].
         """
+        if self.impl not in CONV_IMPLS:
+            raise UserInputError(f"unknown BatchNorm impl {self.impl!r}; expected one of {', '.join(CONV_IMPLS)}")
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
@@ -144,34 +150,24 @@ class BatchNorm(nn.Module):
 
         if not train:
             mean, var = ra_mean.value, ra_var.value
-        else:
-            axes = tuple(range(x.ndim - 1))
-            if mask is None:
-                n = jnp.asarray(x.size // c, x.dtype)
-                mean = jnp.mean(x, axes)
-                var = jnp.mean(jnp.square(x - mean), axes)
-            else:
-                if mask.shape != x.shape[:1]:
-                    raise ValueError(f"BatchNorm mask must have shape [B]={x.shape[:1]}; got {mask.shape}")
-                m = mask.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-                n = jnp.sum(m) * (x.size // (c * x.shape[0]))
-                # max(n, 1): an all-padding batch must not produce NaNs (its stats are unused).
-                n_safe = jnp.maximum(n, 1.0)
-                mean = jnp.sum(x * m, axes) / n_safe
-                var = jnp.sum(jnp.square((x - mean) * m), axes) / n_safe
-            # Update only when the caller made 'batch_stats' mutable (and not at init): a train-mode
-            # forward with frozen stats (e.g. to evaluate a loss) then simply doesn't update.
-            if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
-                batch_mean = jax.lax.stop_gradient(mean)
-                batch_var = jax.lax.stop_gradient(var) * n / jnp.maximum(n - 1.0, 1.0)
-                new_mean = (1.0 - self.momentum) * ra_mean.value + self.momentum * batch_mean
-                new_var = (1.0 - self.momentum) * ra_var.value + self.momentum * batch_var
-                if mask is not None:
-                    has_real = n > 0
-                    new_mean = jnp.where(has_real, new_mean, ra_mean.value)
-                    new_var = jnp.where(has_real, new_var, ra_var.value)
-                ra_mean.value, ra_var.value = new_mean, new_var
-        return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+            return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        if mask is None:
+            mask = jnp.ones(x.shape[:1], x.dtype)
+        elif mask.shape != x.shape[:1]:
+            raise ValueError(f"BatchNorm mask must have shape [B]={x.shape[:1]}; got {mask.shape}")
+        bn = ops.batch_norm_train if self.impl == "custom" else ops.batch_norm_train_reference
+        y, mean, var, n = bn(x, scale, bias, mask.astype(x.dtype), self.epsilon)
+        # Update only when the caller made 'batch_stats' mutable (and not at init): a train-mode
+        # forward with frozen stats (e.g. to evaluate a loss) then simply doesn't update.
+        if not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+            batch_mean = jax.lax.stop_gradient(mean)
+            batch_var = jax.lax.stop_gradient(var) * n / jnp.maximum(n - 1.0, 1.0)
+            has_real = n > 0
+            new_mean = (1.0 - self.momentum) * ra_mean.value + self.momentum * batch_mean
+            new_var = (1.0 - self.momentum) * ra_var.value + self.momentum * batch_var
+            ra_mean.value = jnp.where(has_real, new_mean, ra_mean.value)
+            ra_var.value = jnp.where(has_real, new_var, ra_var.value)
+        return y
 
 
 def _spatial_after_convs(size: int) -> int | None:
@@ -210,7 +206,8 @@ class CNNTarget(nn.Module):
     Attributes:
       num_classes: output logits.
       use_bn: BatchNorm after each conv (the paper uses it for CIFAR only).
-      conv_impl: 'custom' (ops.conv2d_valid) or 'reference' (ops.conv2d_valid_reference).
+      conv_impl: 'custom' (ops.conv2d_valid, ops.max_pool_2x2, ops.batch_norm_train) or
+        'reference' (their plain-autodiff versions).
     """
 
     num_classes: int = 10
@@ -240,9 +237,10 @@ class CNNTarget(nn.Module):
         for i, features in enumerate(_CONV_FEATURES, start=1):
             x = Conv2dValid(features, impl=self.conv_impl, name=f"Conv{i}")(x)
             if self.use_bn:
-                x = BatchNorm(name=f"BN{i}")(x, train=train, mask=mask)
+                x = BatchNorm(impl=self.conv_impl, name=f"BN{i}")(x, train=train, mask=mask)
             # Pool before ReLU: same values (ReLU is monotonic), ReLU on 4x fewer elements.
-            x = nn.relu(ops.max_pool_2x2(x))
+            pool = ops.max_pool_2x2 if self.conv_impl == "custom" else ops.max_pool_2x2_reference
+            x = nn.relu(pool(x))
         x = x.reshape(x.shape[0], -1)
         for i, features in enumerate(_FC_FEATURES, start=1):
             x = nn.relu(Dense(features, name=f"FC{i}")(x))
