@@ -184,7 +184,16 @@ def clone_state(state: dict) -> dict:
 
 
 class _Server:
-    """What both servers share: one model object, the data, the batch order, the clients."""
+    """What both servers share: one model object, the data, the batch order, the clients.
+
+    Args (of both servers):
+      model: the client model (one object, reused for every client).
+      data: the clients' data.
+      batch_order: which minibatches each client trains on per round.
+      local: client optimisation.
+      client_states: initial state_dicts (default: from `init`).
+      init: 'common' or 'independent' (when client_states is None).
+    """
 
     def __init__(self, model: nn.Module, data: ClientData, batch_order: BatchOrder,
                  local: LocalConfig, client_states: list[dict] | None, init: str):
@@ -216,14 +225,8 @@ class _Server:
 class FedAvgServer(_Server):
     """FedAvg: clients train from the global model; weighted average by train counts.
 
-    Args:
-      model: the client model (one object, reused for every client).
-      data: the clients' data.
-      batch_order: which minibatches each client trains on per round.
-      local: client optimisation.
-      client_states: initial state_dicts (default: from `init`).
+    Args: those of `_Server`, and
       global_params: initial global params (default: the weighted average of the clients').
-      init: 'common' or 'independent' (when client_states is None).
     """
 
     def __init__(self, model: nn.Module, data: ClientData, batch_order: BatchOrder,
@@ -275,12 +278,7 @@ def aggregation_units(model: nn.Module, granularity: str = "layer") -> list[list
 class PFedLAServer(_Server):
     """pFedLA / HeurpFedLA with one hypernetwork (and one optimizer) per client.
 
-    Args:
-      model: the client model (one object, reused for every client).
-      data: the clients' data.
-      batch_order: which minibatches each client trains on per round.
-      local: client optimisation.
-      client_states: initial state_dicts (default: from `init`).
+    Args: those of `_Server`, and
       hypernetworks: one LayerWeightHypernetwork per client (default: fresh ones built
         with `hn_kwargs`).
       hn_lr, hn_optimizer ('sgd' | 'adam'), hn_momentum: the hypernetwork step.
@@ -288,7 +286,6 @@ class PFedLAServer(_Server):
       semantics: 'synchronous' or 'sequential'.
       hn_sign: 'descent' (psi += hn_lr * J^T delta) or 'flbench' (psi -= ...).
       heur_k: HeurpFedLA's number of retained units (0 = pFedLA).
-      init: 'common' or 'independent' (when client_states is None).
       hn_kwargs: extra LayerWeightHypernetwork arguments (embed_dim, normalization, ...).
     """
 
