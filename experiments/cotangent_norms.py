@@ -17,36 +17,34 @@ _AT = flags.DEFINE_list("report_rounds", ["1", "10", "19"], "Rounds (0-based) to
 
 def main(argv):
     start(argv)
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from experiments.run import _config
+    from experiments.run import _config, _run_options, algorithm_config_from_flags
     from pfedla_jax.core.aggregation import alpha_cotangent
     from pfedla_jax.core.stacking import take_clients
-    from pfedla_jax.training.loop import build_experiment, experiment_keys
+    from pfedla_jax.training.config import with_algorithm
+    from pfedla_jax.training.loop import build_experiment
 
-    config = dataclasses.replace(_config(), algorithm="pfedla")
-    exp = build_experiment(config)
-    algo = exp.algorithm
-    key_init, _, key = experiment_keys(config.seed)  # the keys run_experiment uses
-    state = algo.init(key_init)
-    ids = jnp.arange(config.num_clients, dtype=jnp.int32)
+    config = with_algorithm(_config(strict=False), "pfedla", algorithm_config_from_flags("pfedla"))
+    exp = build_experiment(config, _run_options())
+    algo, n = exp.algorithm, config.num_clients
+    state = algo.init(exp.keys.init)  # the keys run_experiment uses
+    ids = jnp.arange(n, dtype=jnp.int32)
     report = {int(r) for r in _AT.value}
     for t in range(config.rounds):
         if t in report:
             hn = take_clients(state["hn_params"], ids)
             alpha, _, bar = algo.personalize(hn, state["client_params"], ids)
             trained, _, _ = algo.ctx.trainer.train(
-                bar, take_clients(state["batch_stats"], ids), ids, jax.random.fold_in(key, t))
+                bar, take_clients(state["batch_stats"], ids), ids, exp.round_key(t))
             delta = jax.tree.map(jnp.subtract, trained, bar)
-            cot = alpha_cotangent(state["client_params"], delta, algo.layer_map)
+            cot = alpha_cotangent(state["client_params"], delta, algo.layer_map)[:, :, :n]
             centred = np.abs(np.asarray(cot - (alpha * cot).sum(-1, keepdims=True))).mean((0, 2))
             print(f"round {t}: " + "  ".join(f"{n} {v:.4f}" for n, v in zip(algo.layer_map.names, centred)),
                   flush=True)
-        state, _ = algo.round(state, t, np.arange(config.num_clients), jax.random.fold_in(key, t))
+        state, _ = algo.round(state, t, exp.schedule[t], exp.round_key(t))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ Writes WORKDIR/metrics.jsonl (one JSON object per evaluated round), metrics.csv,
 events (tb/), summary.json, and for pFedLA alpha.npz; checkpoints every --checkpoint_every
 rounds. Re-running the same command with the same --workdir resumes from the latest
 checkpoint. Flags can come from a file: --flagfile=FILE.
+
+Every registered algorithm's options are flags generated from its config dataclass:
+--<algorithm>_<field> (pFedLA keeps its names: --hn_lr, --heur_k, ...); giving an option
+of another algorithm than --algorithm is an error.
 Bad flags or inputs print one line `error: ...` and exit with status 2.
 """
 
@@ -20,7 +24,11 @@ import sys
 
 from absl import app, flags, logging
 
-_A = flags.DEFINE_string("algorithm", "fedavg", "local | fedavg | pfedla (HeurpFedLA: pfedla with --heur_k>0).")
+from pfedla_jax.algorithms import algorithm_names  # registers every algorithm (no device is touched)
+from pfedla_jax.algorithms.registry import config_fields
+
+_A = flags.DEFINE_string("algorithm", "fedavg", f"{' | '.join(algorithm_names())} "
+                         "(HeurpFedLA: pfedla with --heur_k>0).")
 _DATASET = flags.DEFINE_string("dataset", "fmnist", "fmnist | synthetic | synthetic_rgb | tfds:<name>.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset directory (fmnist IDX files or TFDS data_dir).")
 _PARTITION = flags.DEFINE_string("partition", "noniid1", "noniid1 | noniid2 | adjacent (paper Fig. 6) | dirichlet | iid.")
@@ -55,29 +63,61 @@ _CKPT = flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint every this many
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard what --workdir holds (another run's config, checkpoints, metrics) and start over.")
 _TB = flags.DEFINE_bool("tensorboard", True, "Write TensorBoard event files to WORKDIR/tb.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 1, "One progress line every this many rounds (0 = only at evaluations).")
-# pFedLA
-_HN_LR = flags.DEFINE_float("hn_lr", 0.5, "pFedLA: hypernetwork learning rate (public code: 5e-3, which leaves alpha near uniform; BUILD_NOTES).")
-_HN_OPT = flags.DEFINE_string("hn_optimizer", "sgd", "pFedLA: sgd | adam.")
-_HN_MOM = flags.DEFINE_float("hn_momentum", 0.0, "pFedLA: hypernetwork SGD momentum.")
-_HN_EMB = flags.DEFINE_integer("hn_embed_dim", 100, "pFedLA: embedding size.")
-_HN_HID = flags.DEFINE_integer("hn_hidden_dim", 100, "pFedLA: hidden width.")
-_HN_LAYERS = flags.DEFINE_integer("hn_num_hidden", 3, "pFedLA: hidden layers.")
-_HN_NORM = flags.DEFINE_string("hn_normalization", "relu", "pFedLA: relu (ReLU then divide by sum) | softmax.")
-_HN_HEAD = flags.DEFINE_string("hn_head_init", "uniform", "pFedLA: uniform (U(0,1) heads) | torch.")
-_GRAN = flags.DEFINE_string("alpha_granularity", "layer", "pFedLA: layer (BN separate) | tensor.")
-_SEM = flags.DEFINE_string("round_semantics", "synchronous", "pFedLA: synchronous | sequential.")
-_SIGN = flags.DEFINE_string("hn_sign", "descent", "pFedLA: descent (derivation) | flbench (public code's sign).")
-_HEUR = flags.DEFINE_integer("heur_k", 0, "HeurpFedLA: layers kept local per client (0 = pFedLA).")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", None,
+    "JAX's persistent compilation cache directory, shared by all runs (default: "
+    "$PFEDLA_JAX_COMPILATION_CACHE, else ~/.cache/pfedla_jax/jax); '' turns it off.")
 
 
-def _config():
-    from pfedla_jax.algorithms.pfedla import PFedLAConfig
+def define_algorithm_flags(flag_values=flags.FLAGS) -> None:
+    """One flag per field of every registered algorithm's config (registry.config_fields):
+    --<algorithm>_<field>, or the name the field's metadata gives (pFedLA: --hn_lr, ...)."""
+    owner: dict[str, str] = {}
+    for name in algorithm_names():
+        for field in config_fields(name):
+            if field.flag in owner or field.flag in flag_values:
+                raise ValueError(f"flag --{field.flag} of algorithm {name!r} is already defined "
+                                 f"(by {owner.get(field.flag, 'experiments.run')})")
+            owner[field.flag] = name
+            define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+                      float: flags.DEFINE_float}.get(type(field.default), flags.DEFINE_string)
+            define(field.flag, field.default, field.help, flag_values=flag_values)
+
+
+define_algorithm_flags()
+
+
+def algorithm_config_from_flags(name: str, flag_values=flags.FLAGS):
+    """The config of algorithm `name` with every field taken from its flag."""
+    from pfedla_jax.algorithms import algorithm_class
+    from pfedla_jax.algorithms.registry import replace_path
+
+    config = algorithm_class(name).config_class()
+    for field in config_fields(name):
+        config = replace_path(config, field.path, flag_values[field.flag].value)
+    return config
+
+
+def _config(strict: bool = True):
+    """The ExperimentConfig of the parsed flags.
+
+    With `strict`, an option flag of an algorithm other than --algorithm is an error (it
+    would silently do nothing); experiments.sweep passes strict=False (its runs switch
+    algorithms and take each algorithm's options from the flags).
+    """
     from pfedla_jax.core.local_training import LocalTrainConfig
-    from pfedla_jax.models.hypernetwork import HNConfig
-    from pfedla_jax.training.loop import ExperimentConfig
+    from pfedla_jax.training.config import ExperimentConfig
 
+    chosen = _A.value
+    if chosen not in algorithm_names():
+        fail(f"unknown --algorithm {chosen!r}; expected one of {', '.join(algorithm_names())}")
+    if strict:
+        for other in algorithm_names():
+            for field in config_fields(other) if other != chosen else ():
+                if flags.FLAGS[field.flag].present:
+                    fail(f"--{field.flag} is an option of --algorithm={other}, not of --algorithm={chosen}")
     return ExperimentConfig(
-        algorithm=_A.value, dataset=_DATASET.value, data_dir=_DATA_DIR.value,
+        algorithm=chosen, dataset=_DATASET.value,
         partition=_PARTITION.value, classes_per_client=_K.value, dominant_classes=_DOM.value,
         dominant_share=_SHARE.value, dirichlet_alpha=_DIR_ALPHA.value,
         min_client_size=_MIN_SIZE.value, samples_per_client=_SPC.value,
@@ -85,28 +125,23 @@ def _config():
         participation=_P.value, eval_every=_EVAL.value, seed=_SEED.value, init=_INIT.value,
         train=LocalTrainConfig(batch_size=_B.value, local_epochs=_E.value, local_steps=_STEPS.value,
                                lr=_LR.value, momentum=_MOM.value, weight_decay=_WD.value),
-        client_parallelism=_PAR.value, use_bn=_BN.value,
-        pfedla=PFedLAConfig(
-            hn=HNConfig(embed_dim=_HN_EMB.value, hidden_dim=_HN_HID.value,
-                        num_hidden=_HN_LAYERS.value, normalization=_HN_NORM.value,
-                        head_init=_HN_HEAD.value),
-            hn_lr=_HN_LR.value, hn_optimizer=_HN_OPT.value, hn_momentum=_HN_MOM.value,
-            granularity=_GRAN.value, semantics=_SEM.value, hn_sign=_SIGN.value,
-            heur_k=_HEUR.value),
-    )
+        use_bn=_BN.value, algorithm_config=algorithm_config_from_flags(chosen))
 
 
 def _run_options():
-    from pfedla_jax.training.loop import RunOptions
+    from pfedla_jax.training.config import RunOptions
 
     return RunOptions(checkpoint_every=_CKPT.value, overwrite=_OVERWRITE.value,
-                      tensorboard=_TB.value, log_every=_LOG_EVERY.value)
+                      tensorboard=_TB.value, log_every=_LOG_EVERY.value,
+                      client_parallelism=_PAR.value, data_dir=_DATA_DIR.value,
+                      compilation_cache_dir=_CACHE.value)
 
 
 def set_host_devices(count: int) -> None:
     """One XLA CPU device per core (measured faster than XLA's intra-op threads, BUILD_NOTES).
 
-    Must run before jax is imported; a no-op if XLA_FLAGS already sets a device count.
+    Must run before JAX initialises its CPU backend (jax may already be imported: importing
+    touches no device); a no-op if XLA_FLAGS already sets a device count.
     Only affects the CPU platform (GPU/TPU runs are unchanged).
     """
     if count < -1:
@@ -126,7 +161,7 @@ def fail(message: str) -> None:
 def start(argv) -> None:
     """Common start of every experiments/ app: no stray arguments, host devices, quiet logs.
 
-    Runs before jax is imported (host devices must be set first).
+    Runs before any device is used (host devices must be set first).
     """
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")

@@ -1,8 +1,10 @@
 r"""Run several configurations on one partition and print one comparison table.
 
 Each --run is `NAME:field=value,field=value` over ExperimentConfig fields (nested ones
-with a dot: `pfedla.hn_lr=0.1`, `pfedla.hn.normalization=softmax`, `train.local_epochs=5`).
-Base settings come from the other flags (same names as experiments.run).
+with a dot: `train.local_epochs=5`; the algorithm's options prefixed with its name:
+`pfedla.hn_lr=0.1`, `pfedla.hn.normalization=softmax`; `algorithm=NAME` switches to that
+algorithm, whose options then come from the flags). Base settings come from the other
+flags (same names as experiments.run; `training.config.apply_overrides` does the rest).
 
 With --seeds=0,1,2 every run is repeated per seed and a mean ± std table (final round and
 best round, labelled) is printed; with --sweep_dir every run gets its own resumable workdir.
@@ -34,35 +36,6 @@ _ROOT = flags.DEFINE_string("sweep_dir", None, "Give every run a workdir SWEEP_D
                             "SWEEP_DIR/seeds.{json,md}.")
 
 
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if text in ("true", "false"):
-        return text == "true"
-    return text
-
-
-def _override(config, dotted: str, value):
-    head, _, rest = dotted.partition(".")
-    if not hasattr(config, head):
-        fail(f"unknown config field {dotted!r}")
-    if rest:
-        return dataclasses.replace(config, **{head: _override(getattr(config, head), rest, value)})
-    current = getattr(config, head)
-    if dataclasses.is_dataclass(current):
-        fail(f"config field {dotted!r} is a group; set one of its fields ({dotted}.NAME=...)")
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            fail(f"config field {dotted!r} takes a number, got {value!r}")
-        if isinstance(current, int) and not float(value).is_integer():
-            fail(f"config field {dotted!r} takes an integer, got {value!r}")
-        value = float(value) if isinstance(current, float) else int(value)
-    return dataclasses.replace(config, **{head: value})
-
-
 def _seeds(text):
     if text is None:
         return None
@@ -77,12 +50,13 @@ def _seeds(text):
 
 def main(argv):
     start(argv)
-    from experiments.run import _config, _run_options
+    from experiments.run import _config, _run_options, algorithm_config_from_flags
     from pfedla_jax.errors import UserInputError
+    from pfedla_jax.training.config import apply_overrides
     from pfedla_jax.training.loop import run_experiment
     from pfedla_jax.training.tables import format_seed_table, seed_table
 
-    base = _config()
+    base = _config(strict=False)
     seeds = _seeds(_SEEDS.value)
     if not _RUNS.value:
         fail("give at least one --run=NAME:field=value,...")
@@ -93,12 +67,15 @@ def main(argv):
     for seed in seeds or [base.seed]:
         for spec in _RUNS.value:
             name, _, body = spec.partition(":")
-            config = dataclasses.replace(base, seed=seed)
-            for item in filter(None, body.split(",")):
-                key, _, val = item.partition("=")
-                if seeds and key.strip() == "seed":
-                    fail(f"--run {name!r} sets seed while --seeds is given")
-                config = _override(config, key.strip(), _parse_value(val.strip()))
+            items = [tuple(p.strip() for p in item.partition("=")[::2])
+                     for item in filter(None, body.split(","))]
+            if seeds and any(k == "seed" for k, _ in items):
+                fail(f"--run {name!r} sets seed while --seeds is given")
+            try:
+                config = apply_overrides(dataclasses.replace(base, seed=seed), items,
+                                         algorithm_config_from_flags)
+            except UserInputError as e:
+                fail(f"{name}: {e}")
             workdir = (os.path.join(_ROOT.value, name, f"seed_{config.seed}") if _ROOT.value else None)
             try:
                 summary = run_experiment(config, workdir, log=lambda s: None, options=_run_options())
@@ -121,14 +98,14 @@ def main(argv):
             if _OUT.value:
                 os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
                 with open(_OUT.value, "w") as f:
-                    json.dump({"base": dataclasses.asdict(base), "results": results}, f, indent=2)
+                    json.dump({"base": base.to_dict(), "results": results}, f, indent=2)
     if seeds:
         table = seed_table(results)
         text = format_seed_table(table)
         print(f"\nmean ± std over seeds {seeds} (accuracy %):\n{text}", flush=True)
         if _ROOT.value:
             with open(os.path.join(_ROOT.value, "seeds.json"), "w") as f:
-                json.dump({"base": dataclasses.asdict(base), "seeds": seeds, "table": table,
+                json.dump({"base": base.to_dict(), "seeds": seeds, "table": table,
                            "results": results}, f, indent=2)
             with open(os.path.join(_ROOT.value, "seeds.md"), "w") as f:
                 f.write(text + "\n")

@@ -21,7 +21,8 @@ def test_tiny_benchmark_writes_every_figure(tmp_path):
         pytest.importorskip("torch")
     out = tmp_path / "bench.json"
     p = _bench(["--models=fmnist", "--num_clients=2", "--local_steps=2", "--rounds=2", "--warmup=2",
-                "--server_clients=3", "--server_repeats=1", "--torch_threads=1", f"--out={out}"])
+                "--server_clients=3", "--server_repeats=1", "--torch_threads=1", f"--out={out}",
+                "--sections=rounds,server,overhead,memory", "--overhead_rounds=2", "--memory_clients=6"])
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(out.read_text())
     (r,) = report["rounds"]
@@ -33,6 +34,11 @@ def test_tiny_benchmark_writes_every_figure(tmp_path):
     (s,) = report["server"]
     assert s["clients"] == 3 and s["jax_ms"] > 0 and s["torch_ms"] > 0
     assert report["machine"]["cores"] >= 1 and report["versions"]["torch"].startswith("2.13.0")
+    o = report["overhead"]
+    assert o["clients"] == 2 and o["ms_per_round_11_steps"] > o["ms_per_round_1_step"] > 0
+    m = report["memory"]
+    assert m["clients"] == 6 and m["participants"] == 1 and m["state_mb"] > 0
+    assert m["peak_rss_during_round_mb"] >= m["rss_before_round_mb"] > 0 and m["xla_argument_mb"] > 0
     assert "JAX/torch" in p.stdout
 
 
@@ -41,6 +47,7 @@ def test_tiny_benchmark_writes_every_figure(tmp_path):
     (["--algorithm=fedprox"], "algorithm"),
     (["--local_steps=0"], "local_steps"),
     (["--server_clients=1"], "server_clients"),
+    (["--sections=rounds,nosuch"], "nosuch"),
     (["--client_parallelism=magic", "--models=fmnist", "--num_clients=2", "--local_steps=1"], "client_parallelism"),
 ])
 def test_bad_flags(args, pattern):

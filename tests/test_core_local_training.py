@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig, masked_cross_entropy
+from pfedla_jax.core.client_update import ClientUpdate, sgd_update
+from pfedla_jax.core.local_training import (ClientTrainer, LocalTrainConfig, make_optimizer,
+                                            masked_cross_entropy)
 from pfedla_jax.core.stacking import broadcast_clients
 from pfedla_jax.data.store import normalize_images
 from pfedla_jax.models import init_variables, make_cnn
@@ -81,7 +83,8 @@ def test_matches_naive_python_sgd(gray):
     cfg = LocalTrainConfig(batch_size=16, local_epochs=2, lr=0.05)
     params, stats = _start(model, ds.input_shape, 3)
     trainer = ClientTrainer(model, store, cfg, "loop")
-    got, _, metrics = trainer.train(params, stats, jnp.array([1], jnp.int32), KEY)
+    first = lambda t: jax.tree.map(lambda a: a[:1], t)
+    got, _, metrics = trainer.train(first(params), first(stats), jnp.array([1], jnp.int32), KEY)
 
     cid, n, max_train = 1, 33, store.train_idx.shape[1]
     p = jax.tree.map(lambda a: a[0], params)
@@ -119,7 +122,9 @@ def test_padding_steps_change_nothing(gray):
     model = make_cnn(ds.input_shape, ds.num_classes)
     cfg = LocalTrainConfig(batch_size=16, local_epochs=2, lr=0.05)
     params, stats = _start(model, ds.input_shape, 3)
-    together = ClientTrainer(model, store, cfg, "loop").train(params, stats, jnp.array([1, 0], jnp.int32), KEY)
+    two = lambda t: jax.tree.map(lambda a: a[:2], t)
+    together = ClientTrainer(model, store, cfg, "loop").train(two(params), two(stats),
+                                                              jnp.array([1, 0], jnp.int32), KEY)
     # the same client's rows, re-stored as client 1 of a store whose clients are all small
     train, tests = _LISTS[id(ds), (70, 33, 50)]
     alone_store = store_from_indices(ds, [train[2][:10], train[1]], [tests[2], tests[1]])
@@ -156,10 +161,14 @@ def test_no_retrace_across_rounds(gray, strategy):
     model = make_cnn(ds.input_shape, ds.num_classes)
     trainer = ClientTrainer(model, store, LocalTrainConfig(batch_size=16, local_steps=2, lr=0.05), strategy)
     params, stats = _start(model, ds.input_shape, 2)
+    traces = []
     for r in range(3):
         ids = jnp.array([r % 3, (r + 1) % 3], jnp.int32)
         params, stats, _ = trainer.train(params, stats, ids, jax.random.fold_in(KEY, r))
-    assert trainer.trace_count == 1
+        traces.append(trainer.trace_count)
+    # traced when first compiled (once, plus once for for_each_client's output shapes), then
+    # never again
+    assert traces[0] in (1, 2) and traces == [traces[0]] * 3, traces
 
 
 def test_masked_cross_entropy():
@@ -169,3 +178,58 @@ def test_masked_cross_entropy():
     expect = -np.log(np.exp(2) / (np.exp(2) + 1)) - np.log(np.exp(1) / (np.exp(1) + 1))
     np.testing.assert_allclose(float(total), expect, rtol=1e-6)
     assert float(count) == 2
+
+
+def _label_counter(k):
+    """A ClientUpdate that sums the labels of the real examples of each of its k batches."""
+    def init(shared, client, client_id, key):
+        return jnp.zeros((k,), jnp.float32)
+
+    def step(carry, batch):
+        per_batch = jnp.sum(batch.y * batch.mask, axis=1)
+        return carry + per_batch, (jnp.sum(per_batch), jnp.sum(batch.mask))
+
+    return ClientUpdate(init=init, step=step, finalize=lambda carry, shared, client: carry,
+                        batches_per_step=k)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "shard", "vmap"])
+def test_k_batches_per_step_consume_the_same_batch_stream(gray, strategy):
+    """A step of k batches gets batches k*t .. k*t+k-1 of the k = 1 plan; a client runs
+    floor(own batches / k) steps."""
+    ds, store = gray
+    model = make_cnn(ds.input_shape, ds.num_classes)
+    cfg = LocalTrainConfig(batch_size=16, local_epochs=2, lr=0.05)
+    one = ClientTrainer(model, store, cfg, "loop")
+    two = ClientTrainer(model, store, cfg, strategy, update=_label_counter(2))
+    assert two.num_steps == one.num_steps // 2 == 5
+    ids = jnp.array([2, 0, 1], jnp.int32)
+    out, metrics = two.run(None, {}, ids, KEY)
+    labels = np.asarray(store.labels)
+    for row, cid in enumerate(np.asarray(ids)):
+        idx, mask = one.batch_plan(int(cid), KEY)
+        own_batches = 2 * -(-int(store.train_count[cid]) // 16)
+        steps = own_batches // 2
+        sums = [float(labels[idx[b]][mask[b]].sum()) for b in range(2 * steps)]
+        np.testing.assert_allclose(np.asarray(out)[row], [sum(sums[0::2]), sum(sums[1::2])])
+        assert float(metrics["num_examples"][row]) == sum(int(mask[b].sum()) for b in range(2 * steps))
+        idx2, mask2 = two.batch_plan(int(cid), KEY)
+        assert idx2.shape == (5, 2, 16)
+        np.testing.assert_array_equal(idx2[:steps].reshape(-1, 16)[mask2[:steps].reshape(-1, 16)],
+                                      idx[:2 * steps][mask[:2 * steps]])
+
+
+def test_trainable_mask_freezes_leaves(gray):
+    ds, store = gray
+    model = make_cnn(ds.input_shape, ds.num_classes)
+    cfg = LocalTrainConfig(batch_size=16, local_steps=3, lr=0.1, momentum=0.9)
+    update = sgd_update(model, make_optimizer(cfg),
+                        trainable=lambda p: {k: jax.tree.map(lambda _: k.startswith("Conv"), v)
+                                             for k, v in p.items()})
+    params, stats = _start(model, ds.input_shape, 2)
+    out, _, _ = ClientTrainer(model, store, cfg, "loop", update=update).train(
+        params, stats, jnp.array([0, 1], jnp.int32), KEY)
+    for layer in params:
+        moved = any(not np.array_equal(np.asarray(out[layer][k]), np.asarray(params[layer][k]))
+                    for k in params[layer])
+        assert moved == layer.startswith("Conv"), layer

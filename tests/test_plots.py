@@ -22,7 +22,7 @@ def _quiet_options():
     """No periodic checkpoints or TensorBoard files."""
     from pfedla_jax.training.loop import RunOptions
 
-    return {"options": RunOptions(checkpoint_every=0, tensorboard=False)}
+    return {"options": RunOptions(checkpoint_every=0, tensorboard=False, client_parallelism="vmap")}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def runs(tmp_path_factory):
     for algo in ("pfedla", "fedavg"):
         cfg = ExperimentConfig(
             algorithm=algo, dataset="synthetic", synthetic_per_class=20, partition="adjacent",
-            classes_per_client=2, num_clients=3, rounds=2, seed=0, client_parallelism="vmap",
+            classes_per_client=2, num_clients=3, rounds=2, seed=0,
             train=LocalTrainConfig(batch_size=16, local_steps=2, lr=0.05))
         out[algo] = str(base / algo)
         run_experiment(cfg, out[algo], log=lambda s: None, **_quiet_options())

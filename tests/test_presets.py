@@ -78,7 +78,8 @@ def test_preset_parses_and_validates(path, capsys):
     use_bn = None if cfg.use_bn == "auto" else cfg.use_bn == "true"
     model = make_cnn(shape, num_classes, use_bn=use_bn)
     if cfg.algorithm == "pfedla":
-        cfg.pfedla.validate(len(layer_names(model)))
+        cfg.algorithm_config.validate()
+        assert cfg.algorithm_config.heur_k < len(layer_names(model))
     # The partition is feasible on labels with the dataset's class counts (no data loaded).
     labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
     part = make_partition(
@@ -117,7 +118,7 @@ def test_paper_presets_match_the_paper(path):
     else:
         assert cfg.partition == "noniid1"
         assert cfg.classes_per_client == (12 if ds == "cifar100" else 4)
-    assert cfg.pfedla.heur_k == (int(variant[1:]) if kind == "table3" else 0)
+    assert cfg.algorithm_config.heur_k == (int(variant[1:]) if kind == "table3" else 0)
     if kind == "table3":
         assert ds in ("emnist", "cifar10")
     assert "# Paper" in Path(path).read_text(encoding="utf-8")

@@ -1,10 +1,23 @@
-"""Federated algorithms, one module each, behind one interface (base.Algorithm)."""
+"""Federated algorithms, one module each, behind one interface (base.Algorithm).
 
-from pfedla_jax.algorithms.base import Algorithm, FLContext
-from pfedla_jax.algorithms.fedavg import FedAvg
-from pfedla_jax.algorithms.local import Local
-from pfedla_jax.algorithms.pfedla import PFedLA, PFedLAConfig
+Every module of this package is imported here, so an algorithm module that registers
+itself (`@registry.register(name, config_class)`) is available by name without editing
+any other file.
+"""
 
-ALGORITHMS = ("local", "fedavg", "pfedla")
+import importlib
+import pkgutil
 
-__all__ = ["ALGORITHMS", "Algorithm", "FLContext", "FedAvg", "Local", "PFedLA", "PFedLAConfig"]
+from pfedla_jax.algorithms.base import Algorithm, Evaluation, FLContext, NoConfig
+from pfedla_jax.algorithms.registry import algorithm_class, algorithm_names, register
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "registry"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+from pfedla_jax.algorithms.fedavg import FedAvg  # noqa: E402
+from pfedla_jax.algorithms.local import Local  # noqa: E402
+from pfedla_jax.algorithms.pfedla import PFedLA, PFedLAConfig  # noqa: E402
+
+__all__ = ["Algorithm", "Evaluation", "FLContext", "FedAvg", "Local", "NoConfig", "PFedLA",
+           "PFedLAConfig", "algorithm_class", "algorithm_names", "register"]

@@ -1,14 +1,17 @@
-"""The interface every federated algorithm implements.
+"""The interface every federated algorithm implements, and the engine around it.
 
-An algorithm owns a state pytree (jax arrays only, so it can be checkpointed) and
-three functions, mirroring the server's view of a round:
+An algorithm is one module: a class registered under a name with its config dataclass
+(`registry.register`), implementing three pure pieces that read like the paper:
 
-  state = algo.init(key)
-  state, info = algo.round(state, round_idx, participants, round_key)
-  models = algo.eval_models(state)   # {'': (params [N,...], batch_stats [N,...]), ...}
+  state = algo.init_state(key)                     # per-client leaves [N, ...]
+  state, metrics = algo.round_step(state, round_idx, client_ids, key, data)   # traced
+  evaluation = algo.evaluate(state, round_idx, key)                           # host side
 
-`eval_models` returns the personalised model of every client under '' (the headline
-`test_acc`), and optionally other views (e.g. FedAvg's 'local': after local training).
+`round_step` is traced once into ONE jitted program per round (aggregation, local
+training of the cohort through `ctx.trainer`, the server update), with the state sharded
+over the device mesh (axis `clients`, N padded to the mesh size) and, in an experiment,
+donated (updated in place). The engine methods `init` and `round` add the padding,
+placement and compilation; the loop only ever calls `init`, `round` and `evaluate`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfedla_jax.core.local_training import ClientTrainer
-from pfedla_jax.core.stacking import broadcast_clients, tree_bytes
+from pfedla_jax.core.client_parallel import client_sharding, make_mesh, padded_size, replicated
+from pfedla_jax.core.evaluation import View
+from pfedla_jax.core.stacking import broadcast_clients, pad_clients, tree_bytes, unpad_clients
 from pfedla_jax.data.store import ClientStore
 from pfedla_jax.models import init_variables
 
@@ -32,15 +36,46 @@ INITS = ("common", "independent")
 
 @dataclasses.dataclass
 class FLContext:
-    """What every algorithm needs: the model, the client data and the local trainer."""
+    """What every algorithm needs: the model, the client data and the local trainer.
+
+    Attributes:
+      model: the client model (Flax module).
+      layer_order: the model's layers in forward order.
+      store: the client data.
+      trainer: the local trainer (core.local_training.ClientTrainer, or anything with its
+        `train(params, batch_stats, client_ids, round_key, store)`).
+      num_clients: N.
+      input_shape: (H, W, C) of one example.
+      init: 'common' (one initial model for all clients) or 'independent'.
+      donate_state: `round` donates (updates in place) the state it is given. The
+        experiment loop sets it; off by default so that a caller may keep using the
+        state it passed in.
+    """
 
     model: Any
     layer_order: tuple[str, ...]
     store: ClientStore
-    trainer: ClientTrainer
+    trainer: Any
     num_clients: int
     input_shape: tuple[int, int, int]
-    init: str = "common"  # one common initial model for all clients, or one each
+    init: str = "common"
+    donate_state: bool = False
+
+    @functools.cached_property
+    def mesh(self):
+        """The device mesh of the stacked state (the trainer's; one device by default)."""
+        mesh = getattr(self.trainer, "mesh", None)
+        return mesh if mesh is not None else make_mesh("loop")
+
+    @property
+    def data(self) -> ClientStore:
+        """The client data as placed on the mesh (what jitted rounds receive)."""
+        return getattr(self.trainer, "store", self.store)
+
+    @property
+    def num_stored(self) -> int:
+        """Rows of every per-client state leaf: N padded to a multiple of the mesh size."""
+        return padded_size(self.num_clients, self.mesh)
 
     def init_client_variables(self, key: jax.Array):
         """(params [N, ...], batch_stats [N, ...]) for all clients."""
@@ -56,6 +91,13 @@ class FLContext:
         return copy(params), copy(stats)
 
     @functools.cached_property
+    def model_params(self) -> int:
+        """Scalars in one client's trainable params."""
+        variables = jax.eval_shape(
+            lambda: init_variables(self.model, jax.random.key(0), self.input_shape))
+        return int(sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"])))
+
+    @functools.cached_property
     def model_bytes(self) -> int:
         """Bytes of one client's trainable params (what one model transfer costs)."""
         variables = jax.eval_shape(
@@ -63,35 +105,136 @@ class FLContext:
         return tree_bytes(variables["params"])
 
 
+@dataclasses.dataclass(frozen=True)
+class NoConfig:
+    """The config of an algorithm without options."""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What an algorithm hands the loop at an evaluated round.
+
+    Attributes:
+      views: {'': the personalised models (the headline `test_acc`), other views (e.g.
+        'local': the models after local training -> `local_test_acc`, ...)}.
+      arrays: numpy arrays saved for this round in WORKDIR/<export_name>.npz (e.g. alpha).
+      scalars: extra numbers for the metrics row (e.g. pFedLA's mean self-weight per layer).
+    """
+
+    views: dict[str, View]
+    arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    scalars: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
 class Algorithm(abc.ABC):
-    """Base class; subclasses read like the paper's pseudo-code."""
+    """Base class; subclasses read like the paper's pseudo-code.
+
+    Class attributes (set by `registry.register`): `name`, `config_class`. Subclasses set
+    `server_state_keys` (state entries without a client axis, e.g. FedAvg's global model;
+    every other entry is per client) and, if they export arrays at evaluations,
+    `export_name` (the file WORKDIR/<export_name>.npz) and `export_metadata()`.
+    """
 
     name: str = ""
+    config_class: type = NoConfig
+    server_state_keys: tuple[str, ...] = ()
+    export_name: str | None = None
 
-    def __init__(self, ctx: FLContext):
+    def __init__(self, ctx: FLContext, config: Any = None):
         self.ctx = ctx
+        self.config = config if config is not None else self.config_class()
+        self.config.validate()
+        self.trace_count = 0  # traces of round_step (one per compiled program)
+        self._round_fn = None
+
+    # ------------------------------------------------------------------ to implement
+    @abc.abstractmethod
+    def init_state(self, key: jax.Array) -> dict:
+        """The initial server + client state: a dict of pytrees; per-client ones [N, ...]."""
 
     @abc.abstractmethod
-    def init(self, key: jax.Array) -> dict:
-        """The initial server+client state."""
+    def round_step(self, state: dict, round_idx: jax.Array, client_ids: jax.Array,
+                   key: jax.Array, data: ClientStore) -> tuple[dict, dict]:
+        """One communication round with clients `client_ids` (int32 [S]). Pure, traced.
 
-    @abc.abstractmethod
-    def round(self, state: dict, round_idx: int, participants: np.ndarray,
-              round_key: jax.Array) -> tuple[dict, dict]:
-        """One communication round with clients `participants` (int [S]).
+        Args:
+          state: per-client leaves [N_pad, ...] (N padded to the mesh).
+          round_idx: int32 scalar, the round (0-based).
+          client_ids: int32 [S], the participants.
+          key: the round's key (client c trains with fold_in(key, c)).
+          data: the client data; pass it on to the trainer.
 
-        Returns the new state and an info dict with at least 'loss_sum', 'num_examples'
-        (per participant, [S]), 'bytes_up' and 'bytes_down' (this round, all clients).
+        Returns:
+          (new state, metrics) with metrics per participant [S]: 'loss_sum',
+          'num_examples' (train loss of the round) and 'bytes_up', 'bytes_down'
+          (int32, what the participant sent and received this round).
         """
 
     @abc.abstractmethod
-    def eval_models(self, state: dict) -> dict[str, tuple[Any, Any]]:
-        """{'': personalised (params, batch_stats) of all N clients, ...other views}."""
+    def evaluate(self, state: dict, round_idx: int, key: jax.Array) -> Evaluation:
+        """The views to evaluate (and arrays/scalars to record) after round `round_idx`.
 
-    def extra_exports(self, state: dict) -> dict[str, np.ndarray]:
-        """Arrays to save at each evaluated round (e.g. pFedLA's alpha)."""
+        `key` is fold_in(evaluation key, round): for an evaluation that needs randomness
+        (e.g. a personalisation step on a drawn batch).
+        """
+
+    def export_metadata(self) -> dict[str, np.ndarray]:
+        """Constant arrays stored beside the exported ones (e.g. pFedLA's layer names)."""
         return {}
 
-    def evaluation(self, state: dict) -> tuple[dict[str, tuple[Any, Any]], dict[str, np.ndarray]]:
-        """(eval_models(state), extra_exports(state)); overridden where they share work."""
-        return self.eval_models(state), self.extra_exports(state)
+    # ------------------------------------------------------------------ engine
+    def state_shardings(self, state: dict) -> dict:
+        """Per-client entries split over the mesh's `clients` axis; server ones replicated."""
+        mesh = self.ctx.mesh
+        return {k: replicated(mesh) if k in self.server_state_keys else client_sharding(mesh)
+                for k in state}
+
+    def place(self, state: dict) -> dict:
+        """`state` on the mesh (no copy for arrays already placed)."""
+        return jax.device_put(state, self.state_shardings(state))
+
+    def init(self, key: jax.Array) -> dict:
+        """The initial state, per-client entries padded to N_pad rows and placed."""
+        return self.from_checkpoint(self.init_state(key))
+
+    def to_checkpoint(self, state: dict) -> dict:
+        """The state without the mesh padding (per-client leaves [N, ...])."""
+        n = self.ctx.num_clients
+        return {k: v if k in self.server_state_keys else unpad_clients(v, n) for k, v in state.items()}
+
+    def from_checkpoint(self, state: dict) -> dict:
+        """Inverse of `to_checkpoint`: padded to N_pad rows and placed."""
+        rows = self.ctx.num_stored
+        return self.place({k: v if k in self.server_state_keys else pad_clients(v, rows)
+                           for k, v in state.items()})
+
+    def _round_impl(self, state, round_idx, client_ids, key, data):
+        self.trace_count += 1
+        return self.round_step(state, round_idx, client_ids, key, data)
+
+    def round(self, state: dict, round_idx: int, participants, round_key: jax.Array
+              ) -> tuple[dict, dict]:
+        """Runs one round as one compiled program (compiled on the first call).
+
+        Args:
+          state: as returned by `init` or a previous `round` (donated if
+            ctx.donate_state: do not use it afterwards).
+          round_idx: the round (0-based).
+          participants: int [S], the participating clients.
+          round_key: the round's PRNG key.
+
+        Returns:
+          (new state, metrics as device arrays, per participant [S]: 'loss_sum',
+          'num_examples', 'bytes_up', 'bytes_down').
+        """
+        state = self.place(state)
+        if self._round_fn is None:
+            shardings = self.state_shardings(state)
+            self._round_fn = jax.jit(
+                self._round_impl, donate_argnums=(0,) if self.ctx.donate_state else (),
+                out_shardings=(shardings, replicated(self.ctx.mesh)))
+        ids = jnp.asarray(np.asarray(participants, np.int32))
+        return self._round_fn(state, jnp.int32(round_idx), ids, round_key, self.ctx.data)

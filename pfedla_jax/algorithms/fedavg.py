@@ -10,18 +10,20 @@ client's BN statistics), 'local' = each client's model after its latest local tr
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from pfedla_jax.algorithms.base import Algorithm
+from pfedla_jax.algorithms.base import Algorithm, Evaluation
+from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.aggregation import weighted_average
-from pfedla_jax.core.stacking import broadcast_clients, put_clients, take_clients
+from pfedla_jax.core.evaluation import View
+from pfedla_jax.core.stacking import put_clients, take_clients
 
 
+@register("fedavg")
 class FedAvg(Algorithm):
-    name = "fedavg"
+    server_state_keys = ("global_params",)
 
-    def init(self, key):
+    def init_state(self, key):
         params, stats = self.ctx.init_client_variables(key)
         # With --init=independent the clients' first models differ; the global model is
         # then their train-size weighted average, the same rule as every round.
@@ -29,23 +31,20 @@ class FedAvg(Algorithm):
         return {"global_params": weighted_average(params, weights),
                 "client_params": params, "batch_stats": stats}
 
-    def round(self, state, round_idx, participants, round_key):
-        ids = jnp.asarray(participants, jnp.int32)
-        start = broadcast_clients(state["global_params"], ids.shape[0])
+    def round_step(self, state, round_idx, client_ids, key, data):
+        # every participant starts from the global model (passed once, not S copies)
         params, stats, metrics = self.ctx.trainer.train(
-            start, take_clients(state["batch_stats"], ids), ids, round_key)
-        weights = jnp.take(self.ctx.store.train_count, ids).astype(jnp.float32)
+            state["global_params"], take_clients(state["batch_stats"], client_ids), client_ids,
+            key, data, shared_params=True)
+        weights = jnp.take(data.train_count, client_ids).astype(jnp.float32)
         new_state = {
             "global_params": weighted_average(params, weights),
-            "client_params": put_clients(state["client_params"], ids, params),
-            "batch_stats": put_clients(state["batch_stats"], ids, stats),
+            "client_params": put_clients(state["client_params"], client_ids, params),
+            "batch_stats": put_clients(state["batch_stats"], client_ids, stats),
         }
-        nbytes = self.ctx.model_bytes * int(ids.shape[0])
-        return new_state, {**metrics, "bytes_up": nbytes, "bytes_down": nbytes}
+        model = jnp.full(client_ids.shape, self.ctx.model_bytes, jnp.int32)
+        return new_state, {**metrics, "bytes_up": model, "bytes_down": model}
 
-    def eval_models(self, state):
-        n = self.ctx.num_clients
-        global_for_all = jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape),
-                                      state["global_params"])
-        return {"": (global_for_all, state["batch_stats"]),
-                "local": (state["client_params"], state["batch_stats"])}
+    def evaluate(self, state, round_idx, key):
+        return Evaluation({"": View(state["global_params"], state["batch_stats"], shared=True),
+                           "local": View(state["client_params"], state["batch_stats"])})

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pfedla_jax.algorithms.base import Algorithm
+from pfedla_jax.algorithms.base import Algorithm, Evaluation
+from pfedla_jax.algorithms.registry import register
+from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.stacking import put_clients, take_clients
 
 
+@register("local")
 class Local(Algorithm):
-    name = "local"
-
-    def init(self, key):
+    def init_state(self, key):
         params, stats = self.ctx.init_client_variables(key)
         return {"client_params": params, "batch_stats": stats}
 
-    def round(self, state, round_idx, participants, round_key):
-        ids = jnp.asarray(participants, jnp.int32)
+    def round_step(self, state, round_idx, client_ids, key, data):
         params, stats, metrics = self.ctx.trainer.train(
-            take_clients(state["client_params"], ids), take_clients(state["batch_stats"], ids),
-            ids, round_key)
-        state = {"client_params": put_clients(state["client_params"], ids, params),
-                 "batch_stats": put_clients(state["batch_stats"], ids, stats)}
-        return state, {**metrics, "bytes_up": 0, "bytes_down": 0}
+            take_clients(state["client_params"], client_ids),
+            take_clients(state["batch_stats"], client_ids), client_ids, key, data)
+        state = {"client_params": put_clients(state["client_params"], client_ids, params),
+                 "batch_stats": put_clients(state["batch_stats"], client_ids, stats)}
+        nothing = jnp.zeros(client_ids.shape, jnp.int32)
+        return state, {**metrics, "bytes_up": nothing, "bytes_down": nothing}
 
-    def eval_models(self, state):
-        return {"": (state["client_params"], state["batch_stats"])}
+    def evaluate(self, state, round_idx, key):
+        return Evaluation({"": View(state["client_params"], state["batch_stats"])})

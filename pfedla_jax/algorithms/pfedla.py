@@ -16,8 +16,9 @@ One round (Algorithm 1), for the participating clients i:
 Round semantics:
   synchronous  all participants aggregate from one snapshot of the stored params and are
                trained in one stacked call (the paper's "for each client in parallel").
-  sequential   one client after another; each aggregates from the params already
-               updated earlier in the round (as the public PyTorch code does).
+  sequential   one client after another (a `lax.scan` inside the round's program); each
+               aggregates from the params already updated earlier in the round (as the
+               public PyTorch code does).
 
 HeurpFedLA (`heur_k` = k > 0, Algorithm 2, Eq. 12): per round and client, the k layers with
 the largest self-weight alpha_i[l, i] are kept local: the client starts them from its own
@@ -28,17 +29,18 @@ stored copy (not aggregated, not sent down) and their heads get no gradient that
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pfedla_jax.algorithms.base import Algorithm, FLContext
+from pfedla_jax.algorithms.base import Algorithm, Evaluation, FLContext
+from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.aggregation import aggregate, alpha_cotangent
-from pfedla_jax.core.layers import LayerMap, make_layer_map
-from pfedla_jax.core.stacking import put_clients, take_clients
+from pfedla_jax.core.evaluation import View
+from pfedla_jax.core.layers import GRANULARITIES, LayerMap, make_layer_map
+from pfedla_jax.core.stacking import put_clients, take_clients, unpad_clients
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models.hypernetwork import (HNConfig, LayerWeightHypernetwork,
                                             init_hypernetworks, stacked_alpha)
@@ -48,18 +50,33 @@ HN_SIGNS = ("descent", "flbench")
 HN_OPTIMIZERS = ("sgd", "adam")
 
 
+def _flag(name: str, text: str) -> dict:
+    return {"flag": name, "help": f"pFedLA: {text}"}
+
+
 @dataclasses.dataclass(frozen=True)
 class PFedLAConfig:
-    hn: HNConfig = HNConfig()
-    hn_lr: float = 0.5                 # swept on FMNIST (BUILD_NOTES.md); the public code uses 5e-3
-    hn_optimizer: str = "sgd"
-    hn_momentum: float = 0.0
-    granularity: str = "layer"         # 'layer' | 'tensor'
-    semantics: str = "synchronous"      # 'synchronous' | 'sequential'
-    hn_sign: str = "descent"            # 'descent' (+delta psi) | 'flbench' (-delta psi)
-    heur_k: int = 0
+    """pFedLA's options (CLI names in parentheses; BUILD_NOTES §3-4 for the defaults)."""
 
-    def validate(self, num_layers: int) -> None:
+    hn: HNConfig = HNConfig()
+    hn_lr: float = dataclasses.field(default=0.5, metadata=_flag(
+        "hn_lr", "hypernetwork learning rate (public code: 5e-3, which leaves alpha near "
+        "uniform; BUILD_NOTES §4)."))
+    hn_optimizer: str = dataclasses.field(default="sgd", metadata=_flag("hn_optimizer", "sgd | adam."))
+    hn_momentum: float = dataclasses.field(default=0.0, metadata=_flag(
+        "hn_momentum", "hypernetwork SGD momentum."))
+    granularity: str = dataclasses.field(default="layer", metadata=_flag(
+        "alpha_granularity", "layer (BN layers separate) | tensor."))
+    semantics: str = dataclasses.field(default="synchronous", metadata=_flag(
+        "round_semantics", "synchronous | sequential."))
+    hn_sign: str = dataclasses.field(default="descent", metadata=_flag(
+        "hn_sign", "descent (derivation) | flbench (public code's sign)."))
+    heur_k: int = dataclasses.field(default=0, metadata={
+        "flag": "heur_k", "help": "HeurpFedLA: layers kept local per client (0 = pFedLA)."})
+
+    def validate(self) -> None:
+        """Raises UserInputError on a bad option (heur_k's upper bound needs the model:
+        checked when the algorithm is built)."""
         self.hn.validate()
         if self.semantics not in SEMANTICS:
             raise UserInputError(f"unknown --round_semantics {self.semantics!r}; expected one of {', '.join(SEMANTICS)}")
@@ -67,14 +84,15 @@ class PFedLAConfig:
             raise UserInputError(f"unknown --hn_sign {self.hn_sign!r}; expected one of {', '.join(HN_SIGNS)}")
         if self.hn_optimizer not in HN_OPTIMIZERS:
             raise UserInputError(f"unknown --hn_optimizer {self.hn_optimizer!r}; expected one of {', '.join(HN_OPTIMIZERS)}")
+        if self.granularity not in GRANULARITIES:
+            raise UserInputError(f"unknown --alpha_granularity {self.granularity!r}; "
+                                 f"expected one of {', '.join(GRANULARITIES)}")
         if not self.hn_lr >= 0 or not np.isfinite(self.hn_lr):
             raise UserInputError(f"--hn_lr must be >= 0, got {self.hn_lr}")
         if not 0 <= self.hn_momentum < 1:
             raise UserInputError(f"--hn_momentum must be in [0, 1), got {self.hn_momentum}")
-        if not 0 <= self.heur_k < num_layers:
-            raise UserInputError(
-                f"--heur_k must be in [0, {num_layers - 1}] (the model has {num_layers} aggregation "
-                f"layers), got {self.heur_k}")
+        if self.heur_k < 0:
+            raise UserInputError(f"--heur_k must be >= 0, got {self.heur_k}")
 
 
 def make_hn_optimizer(cfg: PFedLAConfig) -> optax.GradientTransformation:
@@ -99,24 +117,38 @@ def effective_alpha(alpha: jax.Array, client_ids: jax.Array, retained: jax.Array
     return jnp.where(retained[:, :, None], one_hot, alpha)
 
 
-class PFedLA(Algorithm):
-    name = "pfedla"
+def _pad_sources(alpha: jax.Array, rows: int) -> jax.Array:
+    """alpha [S, L, N] -> [S, L, rows]: zero weight on the mesh-padding rows of the stack."""
+    extra = rows - alpha.shape[-1]
+    return alpha if extra == 0 else jnp.pad(alpha, ((0, 0), (0, 0), (0, extra)))
 
-    def __init__(self, ctx: FLContext, config: PFedLAConfig = PFedLAConfig()):
-        super().__init__(ctx)
+
+@register("pfedla", PFedLAConfig)
+class PFedLA(Algorithm):
+    export_name = "alpha"
+
+    def __init__(self, ctx: FLContext, config: PFedLAConfig | None = None):
+        super().__init__(ctx, config)
+        config = self.config
         probe = jax.eval_shape(lambda: ctx.init_client_variables(jax.random.key(0)))[0]
         self.layer_map: LayerMap = make_layer_map(
             jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), probe), ctx.layer_order,
             config.granularity)
-        config.validate(self.layer_map.num_layers)
-        self.config = config
+        if config.heur_k >= self.layer_map.num_layers:
+            raise UserInputError(
+                f"--heur_k must be in [0, {self.layer_map.num_layers - 1}] (the model has "
+                f"{self.layer_map.num_layers} aggregation layers), got {config.heur_k}")
         self.hn = LayerWeightHypernetwork(ctx.num_clients, self.layer_map.num_layers, config.hn)
         self.hn_tx = make_hn_optimizer(config)
         if config.heur_k:
             self.name = "heurpfedla"
+        # Server steps as jitted functions of this instance (not of the class: a class-level
+        # jit cache would keep every instance, its data and its state alive).
+        self.personalize = jax.jit(self._personalize)
+        self.hn_update = jax.jit(self._hn_update)
 
     # ------------------------------------------------------------------ state
-    def init(self, key):
+    def init_state(self, key):
         # The client models come from `key` itself, as for Local and FedAvg, so one seed gives
         # every method the same initial models.
         params, stats = self.ctx.init_client_variables(key)
@@ -127,28 +159,28 @@ class PFedLA(Algorithm):
                 "hn_params": hn_params, "hn_opt_state": hn_opt}
 
     # ------------------------------------------------------------------ server steps
-    @partial(jax.jit, static_argnums=0)
-    def personalize(self, hn_params, client_params, client_ids):
+    def _personalize(self, hn_params, client_params, client_ids):
         """alpha (as output by HN), the retained mask, and theta_bar for `client_ids`.
 
         Args:
           hn_params: stacked hypernetwork params of these clients, leaves [S, ...].
-          client_params: the stored params of all N clients, leaves [N, ...].
+          client_params: the stored params of all clients, leaves [N_pad, ...] (rows past N
+            are mesh padding and get zero weight).
           client_ids: int32 [S].
         Returns:
           (alpha [S, L, N], retained bool [S, L], theta_bar leaves [S, ...]).
         """
         alpha = stacked_alpha(self.hn, hn_params, client_ids)
         retained = retained_layers(alpha, client_ids, self.config.heur_k)
-        theta_bar = aggregate(effective_alpha(alpha, client_ids, retained), client_params,
-                              self.layer_map)
+        rows = jax.tree.leaves(client_params)[0].shape[0]
+        mix = _pad_sources(effective_alpha(alpha, client_ids, retained), rows)
+        theta_bar = aggregate(mix, client_params, self.layer_map)
         return alpha, retained, theta_bar
 
-    @partial(jax.jit, static_argnums=0)
-    def hn_update(self, hn_params, hn_opt_state, client_params, client_ids, retained, delta):
+    def _hn_update(self, hn_params, hn_opt_state, client_params, client_ids, retained, delta):
         """Eqs. 10-11 through the closed-form cotangent; returns new (hn_params, opt_state).
 
-        `client_params` must be the stored params that built theta_bar (leaves [N, ...]).
+        `client_params` must be the stored params that built theta_bar (leaves [N_pad, ...]).
         """
         delta_psi = hn_delta_psi(self.hn, self.layer_map, hn_params, client_params, client_ids,
                                  retained, delta)
@@ -159,12 +191,12 @@ class PFedLA(Algorithm):
         updates, new_opt = jax.vmap(self.hn_tx.update)(grads, hn_opt_state, hn_params)
         return optax.apply_updates(hn_params, updates), new_opt
 
-    def _round_block(self, state, ids, round_key):
+    def _block(self, state, ids, key, data):
         """Aggregate -> train -> store -> HN update for clients `ids`, from one snapshot."""
         hn_params = take_clients(state["hn_params"], ids)
         alpha, retained, theta_bar = self.personalize(hn_params, state["client_params"], ids)
         trained, stats, metrics = self.ctx.trainer.train(
-            theta_bar, take_clients(state["batch_stats"], ids), ids, round_key)
+            theta_bar, take_clients(state["batch_stats"], ids), ids, key, data)
         delta = jax.tree.map(jnp.subtract, trained, theta_bar)
         new_hn, new_opt = self.hn_update(hn_params, take_clients(state["hn_opt_state"], ids),
                                          state["client_params"], ids, retained, delta)
@@ -175,45 +207,56 @@ class PFedLA(Algorithm):
             "hn_params": put_clients(state["hn_params"], ids, new_hn),
             "hn_opt_state": put_clients(state["hn_opt_state"], ids, new_opt),
         }
-        return new_state, metrics, retained
+        up, down = communication(self.layer_map.num_params, retained)
+        return new_state, {**metrics, "bytes_up": up, "bytes_down": down}
 
-    def round(self, state, round_idx, participants, round_key):
-        ids = jnp.asarray(participants, jnp.int32)
+    def round_step(self, state, round_idx, client_ids, key, data):
         if self.config.semantics == "synchronous":
-            state, metrics, retained = self._round_block(state, ids, round_key)
-        else:
-            parts = []
-            for s in range(ids.shape[0]):
-                state, m, r = self._round_block(state, ids[s:s + 1], round_key)
-                parts.append((m, r))
-            metrics = jax.tree.map(lambda *a: jnp.concatenate(a), *[p[0] for p in parts])
-            retained = jnp.concatenate([p[1] for p in parts])
-        bytes_up, bytes_down = self.communication_bytes(np.asarray(retained))
-        return state, {**metrics, "bytes_up": bytes_up, "bytes_down": bytes_down}
+            return self._block(state, client_ids, key, data)
 
-    # ------------------------------------------------------------------ accounting
-    def communication_bytes(self, retained: np.ndarray) -> tuple[int, int]:
-        """(uplink, downlink) bytes of one round: full delta up; non-retained layers down."""
-        return communication_bytes(self.layer_map.num_params, retained, bytes_per_param=4)
+        def one(state, s):
+            return self._block(state, jax.lax.dynamic_slice_in_dim(client_ids, s, 1), key, data)
+
+        state, metrics = jax.lax.scan(one, state, jnp.arange(client_ids.shape[0]))
+        return state, jax.tree.map(lambda a: a.reshape(client_ids.shape), metrics)
 
     # ------------------------------------------------------------------ evaluation
     def all_alpha(self, state):
+        """(alpha [N, L, N], retained [N, L], theta_bar [N, ...]) of every client."""
         ids = jnp.arange(self.ctx.num_clients, dtype=jnp.int32)
-        return self.personalize(state["hn_params"], state["client_params"], ids)
+        hn = unpad_clients(state["hn_params"], self.ctx.num_clients)
+        return self.personalize(hn, state["client_params"], ids)
 
-    def eval_models(self, state):
-        return self.evaluation(state)[0]
-
-    def extra_exports(self, state):
-        return self.evaluation(state)[1]
-
-    def evaluation(self, state):
+    def evaluate(self, state, round_idx, key):
         # alpha and theta_bar of all N clients from one personalize() call (it costs
         # O(N^2 |theta|): not to be done twice per evaluation)
         alpha, retained, theta_bar = self.all_alpha(state)
-        views = {"": (theta_bar, state["batch_stats"]),
-                 "local": (state["client_params"], state["batch_stats"])}
-        return views, {"alpha": np.asarray(alpha), "retained": np.asarray(retained)}
+        stats = unpad_clients(state["batch_stats"], self.ctx.num_clients)
+        alpha, retained = np.asarray(alpha), np.asarray(retained)
+        return Evaluation(
+            views={"": View(theta_bar, stats),
+                   "local": View(state["client_params"], state["batch_stats"])},
+            arrays={"alpha": alpha, "retained": retained},
+            scalars=alpha_statistics(alpha, self.layer_map.names))
+
+    def export_metadata(self):
+        return {"layers": np.array(self.layer_map.names)}
+
+
+def alpha_statistics(alpha: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
+    """Mean self-weight per layer (the paper's Fig. 7 reading), averaged over clients.
+
+    Args:
+      alpha: [N, L, N].
+      names: the L layer names.
+    Returns:
+      {'alpha_self/<layer>': mean over clients of alpha[i, l, i], 'alpha_self_mean': ...}.
+    """
+    n = alpha.shape[0]
+    self_w = alpha[np.arange(n), :, np.arange(n)]  # [N, L]
+    out = {f"alpha_self/{name}": float(self_w[:, l].mean()) for l, name in enumerate(names)}
+    out["alpha_self_mean"] = float(self_w.mean())
+    return out
 
 
 def hn_delta_psi(hn, layer_map: LayerMap, hn_params, client_params, client_ids, retained, delta):
@@ -225,31 +268,37 @@ def hn_delta_psi(hn, layer_map: LayerMap, hn_params, client_params, client_ids, 
     HeurpFedLA did not use alpha, so their cotangent is zero.
 
     Args:
-      hn: the hypernetwork module.
+      hn: the hypernetwork module (over N clients).
       layer_map: aggregation units.
       hn_params: stacked hypernetwork params of the participants, leaves [S, ...].
-      client_params: the stored params that built theta_bar, leaves [N, ...].
+      client_params: the stored params that built theta_bar, leaves [N, ...] or [N_pad, ...]
+        (rows past N: mesh padding, ignored).
       client_ids: int32 [S].
       retained: bool [S, L].
       delta: theta_trained - theta_bar, leaves [S, ...].
     Returns:
       pytree like hn_params.
     """
-    cot = alpha_cotangent(client_params, delta, layer_map)               # [S, L, N]
+    cot = alpha_cotangent(client_params, delta, layer_map)[:, :, :hn.num_clients]  # [S, L, N]
     cot = jnp.where(retained[:, :, None], 0.0, cot)
     _, vjp = jax.vjp(lambda p: stacked_alpha(hn, p, client_ids), hn_params)
     (delta_psi,) = vjp(cot)
     return delta_psi
 
 
-def communication_bytes(layer_sizes, retained: np.ndarray, bytes_per_param: int = 4) -> tuple[int, int]:
-    """Bytes up and down for participants with retained-layer masks `retained` [S, L].
+def communication(layer_sizes, retained: jax.Array, bytes_per_param: int = 4):
+    """Bytes up and down per participant, for retained-layer masks `retained` [S, L].
 
-    Uplink: the full model per participant. Downlink: the model minus its retained layers
-    (digest §8.3: this reproduces the paper's Table 3 exactly).
+    Uplink: the full model. Downlink: the model minus its retained layers (digest §8.3:
+    this reproduces the paper's Table 3 exactly). Traceable; int32 [S] each.
     """
-    sizes = np.asarray(layer_sizes, np.int64)
-    retained = np.asarray(retained, bool)
-    up = int(retained.shape[0] * sizes.sum() * bytes_per_param)
-    down = int(((~retained) * sizes[None, :]).sum() * bytes_per_param)
-    return up, down
+    sizes = jnp.asarray(np.asarray(layer_sizes, np.int32))
+    up = jnp.full(retained.shape[:1], int(np.sum(layer_sizes)) * bytes_per_param, jnp.int32)
+    down = jnp.sum(jnp.where(retained, 0, sizes[None, :]), axis=1) * bytes_per_param
+    return up, down.astype(jnp.int32)
+
+
+def communication_bytes(layer_sizes, retained: np.ndarray, bytes_per_param: int = 4) -> tuple[int, int]:
+    """Total (uplink, downlink) bytes of a round whose participants retained `retained` [S, L]."""
+    up, down = communication(layer_sizes, jnp.asarray(np.asarray(retained, bool)), bytes_per_param)
+    return int(np.sum(np.asarray(up), dtype=np.int64)), int(np.sum(np.asarray(down), dtype=np.int64))

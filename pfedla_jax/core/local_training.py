@@ -1,40 +1,37 @@
-"""Stacked-client local training: S clients trained by one call.
+"""Stacked-client local training: a `ClientUpdate` run over a cohort by `for_each_client`.
 
-Every per-client quantity carries a leading client axis `[S, ...]`. A client's local
-update is E epochs (or a fixed number of steps) of SGD with batch size B on its own
-training split, reshuffled every epoch from `fold_in(fold_in(seed_key, round), client)`.
-Clients of unequal size share one static step count: a client with fewer examples gets
-masked steps at the end of each epoch that change nothing (no param, BN or optimizer
-update), and the last batch of an epoch may be partial (masked examples, like a PyTorch
-DataLoader without drop_last).
+A client's local work is E epochs (or a fixed number of steps) of minibatches of size B
+from its own training split, reshuffled every epoch from `fold_in(fold_in(train_key,
+round), client)`; each epoch's last batch may be partial (masked examples, like a PyTorch
+DataLoader without drop_last). Each client runs its OWN number of steps (a `while` loop
+over its live steps): on the `loop`/`shard` strategies a small client costs only its own
+steps; under `vmap` a cohort costs its largest member's steps (not the population's).
 
-Strategies (`client_parallelism`):
-  vmap  all S clients in one jitted call (jax.vmap of the per-client scan). The fast path
-        on GPU/TPU; on CPU a vmapped conv lowers to a grouped conv, which is slow.
-  loop  a Python loop over clients of one jitted per-client function (lax.scan over the
-        local steps). The fast path on a single CPU device.
-  shard the client axis split over the host's devices (one XLA CPU device per core,
-        `--xla_force_host_platform_device_count`), each device running its clients'
-        scans one after another (lax.map). The multi-device path.
-  auto  the fastest measured for the backend (see BUILD_NOTES.md).
+`ClientTrainer.run` runs any `ClientUpdate` (client_update.py); `ClientTrainer.train` is
+the common case, cross-entropy SGD from given params. Both are pure and traceable: an
+algorithm calls them inside its jitted round, passing the client data (`store`) as an
+argument so that it is not baked into the program as a constant.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pfedla_jax.core.stacking import take_clients
+from pfedla_jax.core.client_parallel import (STRATEGIES, for_each_client, make_mesh, replicated,
+                                             resolve_strategy)
+from pfedla_jax.core.client_update import Batch, ClientUpdate, masked_cross_entropy, sgd_update
 from pfedla_jax.data.store import ClientStore, normalize_images
 from pfedla_jax.errors import UserInputError
 
-STRATEGIES = ("auto", "vmap", "loop", "shard")
+__all__ = ["STRATEGIES", "ClientTrainer", "LocalTrainConfig", "client_batch_plan",
+           "make_optimizer", "masked_cross_entropy", "resolve_strategy"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,33 +60,13 @@ class LocalTrainConfig:
             raise UserInputError(f"--weight_decay must be a finite number >= 0, got {self.weight_decay}")
 
 
-def resolve_strategy(strategy: str) -> str:
-    """Picks the client-parallel strategy; 'auto' by backend and device count."""
-    if strategy not in STRATEGIES:
-        raise UserInputError(
-            f"unknown --client_parallelism {strategy!r}; expected one of {', '.join(STRATEGIES)}")
-    if strategy != "auto":
-        return strategy
-    if jax.default_backend() == "cpu":
-        # Measured (BUILD_NOTES.md): on CPU the per-client scan with the custom-VJP conv
-        # beats vmap (grouped conv); several host devices beat XLA's intra-op threads.
-        return "shard" if jax.device_count() > 1 else "loop"
-    return "vmap"
-
-
 def make_optimizer(config: LocalTrainConfig) -> optax.GradientTransformation:
+    """The client optimizer: SGD with optional momentum, optional decoupled weight decay."""
     parts = []
     if config.weight_decay > 0:
         parts.append(optax.add_decayed_weights(config.weight_decay))
     parts.append(optax.sgd(config.lr, momentum=config.momentum or None))
     return optax.chain(*parts)
-
-
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array):
-    """(sum of per-example CE over real examples, number of real examples)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    ce = -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
-    return jnp.sum(ce * mask), jnp.sum(mask)
 
 
 def client_batch_plan(client_key, count, own_idx, *, batch_size: int, num_steps: int,
@@ -98,18 +75,17 @@ def client_batch_plan(client_key, count, own_idx, *, batch_size: int, num_steps:
 
     Each epoch e is a fresh permutation of the client's `count` real examples drawn from
     `fold_in(client_key, e)` (padding slots of `own_idx` sort last); an epoch is
-    ceil(count / batch_size) steps, the last one partial, as a PyTorch DataLoader without
-    drop_last; steps from `total_steps` on (the padding of a client smaller than the
-    cohort's largest) are fully masked.
+    ceil(count / batch_size) batches, the last one partial, as a PyTorch DataLoader without
+    drop_last; batches from `total_steps` on (beyond the client's own work) are fully masked.
 
     Args:
       client_key: the client's key of this round, fold_in(round_key, client_id).
       count: int scalar, the client's number of training examples (>= 1).
       own_idx: int [max_train], the client's row of ClientStore.train_idx.
       batch_size: B.
-      num_steps: static number of steps (rows of the plan).
+      num_steps: static number of batches (rows of the plan).
       num_epochs: static number of epoch permutations to draw (enough to cover num_steps).
-      total_steps: int scalar, the client's own number of live steps.
+      total_steps: int scalar, the client's own number of live batches.
 
     Returns:
       (idx [num_steps, B] = own_idx entries, i.e. indices into the store's images,
@@ -133,52 +109,73 @@ def client_batch_plan(client_key, count, own_idx, *, batch_size: int, num_steps:
 
 
 class ClientTrainer:
-    """Trains a stack of clients from given starting params.
+    """Runs a `ClientUpdate` for a cohort of clients (one call for all of them).
 
-    `train(params, batch_stats, client_ids, round_key)` returns the trained params and BN
-    statistics (leaves `[S, ...]`) and per-client metrics. Compiled once per cohort size:
-    no retrace across rounds (`trace_count` counts traces of the per-client function).
+    Args:
+      model: the client model (for the default update).
+      store: the client data (placed replicated on the trainer's mesh).
+      config: batch size, epochs or steps, and the default SGD update's optimizer.
+      strategy: client parallelism ('auto', 'vmap', 'loop', 'shard'; client_parallel.py).
+      update: the client update; default `sgd_update(model, make_optimizer(config))`.
+
+    Attributes:
+      num_steps: static rows of a client's batch plan: the largest client's number of steps
+        (a client stops after its own number).
+      mesh: the device mesh the cohort is split over.
+      trace_count: traces of the per-client function (no retrace across rounds: tests).
     """
 
     def __init__(self, model, store: ClientStore, config: LocalTrainConfig,
-                 strategy: str = "auto"):
+                 strategy: str = "auto", update: ClientUpdate | None = None):
         config.validate()
         self.model = model
-        self.store = store
         self.config = config
         self.strategy = resolve_strategy(strategy)
+        self.mesh = make_mesh(self.strategy)
+        self.update = update if update is not None else sgd_update(model, make_optimizer(config))
         self.trace_count = 0
         counts = np.asarray(jax.device_get(store.train_count))
         if counts.min() < 1:
             raise UserInputError("every client needs at least one training example")
-        batch = config.batch_size
-        steps_per_epoch = -(-counts // batch)
+        k = self.update.batches_per_step
+        batches_per_epoch = -(-counts // config.batch_size)
         if config.local_steps > 0:
             self.num_steps = int(config.local_steps)
-            # epochs needed by the smallest client to cover num_steps
-            self._num_epochs = int(-(-self.num_steps // int(steps_per_epoch.min())))
+            num_batches = self.num_steps * k
+            # epochs needed by the smallest client to cover num_batches
+            self._num_epochs = int(-(-num_batches // int(batches_per_epoch.min())))
         else:
-            self.num_steps = int(config.local_epochs * steps_per_epoch.max())
+            num_batches = int(config.local_epochs * batches_per_epoch.max())
+            self.num_steps = num_batches // k
             self._num_epochs = int(config.local_epochs)
-        self._tx = make_optimizer(config)
-        self._compiled: dict[str, Callable] = {}
-        if self.strategy == "shard":
-            self._mesh = jax.sharding.Mesh(np.array(jax.devices()), ("clients",))
-            # one replica of the client data per device, placed once
-            self.store = jax.device_put(
-                store, jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec()))
+        if self.num_steps < 1:
+            raise UserInputError(f"local training of {num_batches} batches gives no step of "
+                                 f"{k} batches; raise --local_epochs or --local_steps")
+        # one replica of the client data per device of the mesh, placed once
+        self.store = jax.device_put(store, replicated(self.mesh))
+        self._map = for_each_client(self._client_fn, self.strategy, self.mesh)
+        self._jitted: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ one client
-    def _plan(self, client_id, round_key, store: ClientStore):
-        """(idx [num_steps, B], mask bool [num_steps, B]) of one client; traceable."""
+    def live_steps(self, client_id, store: ClientStore):
+        """The client's own number of steps (int32, traceable)."""
         cfg = self.config
+        if cfg.local_steps > 0:
+            return jnp.full(jnp.shape(client_id), cfg.local_steps, jnp.int32)
+        batches = (store.train_count[client_id] + cfg.batch_size - 1) // cfg.batch_size * cfg.local_epochs
+        return (batches // self.update.batches_per_step).astype(jnp.int32)
+
+    def _plan(self, client_id, round_key, store: ClientStore):
+        """(idx [T, k, B], mask bool [T, k, B], live steps) of one client; traceable."""
+        cfg, k = self.config, self.update.batches_per_step
         n = store.train_count[client_id]
-        total_steps = ((n + cfg.batch_size - 1) // cfg.batch_size * cfg.local_epochs
-                       if cfg.local_steps == 0 else jnp.int32(cfg.local_steps))
-        return client_batch_plan(jax.random.fold_in(round_key, client_id), n,
-                                 store.train_idx[client_id], batch_size=cfg.batch_size,
-                                 num_steps=self.num_steps, num_epochs=self._num_epochs,
-                                 total_steps=total_steps)
+        live = self.live_steps(client_id, store)
+        idx, mask = client_batch_plan(jax.random.fold_in(round_key, client_id), n,
+                                      store.train_idx[client_id], batch_size=cfg.batch_size,
+                                      num_steps=self.num_steps * k, num_epochs=self._num_epochs,
+                                      total_steps=live * k)
+        shape = (self.num_steps, k, cfg.batch_size)
+        return idx.reshape(shape), mask.reshape(shape), live
 
     def batch_plan(self, client_id, round_key) -> tuple[np.ndarray, np.ndarray]:
         """The exact examples `train` feeds client `client_id` in the round of `round_key`.
@@ -188,116 +185,86 @@ class ClientTrainer:
           round_key: the round's PRNG key, as passed to `train`.
 
         Returns:
-          (idx int32 [num_steps, B]: indices into store.images / store.labels,
-           mask bool [num_steps, B]: True for real examples). Step s trains on
+          (idx int32 [num_steps, B] (or [num_steps, k, B] for an update taking k > 1
+           batches per step): indices into store.images / store.labels,
+           mask bool, same shape: True for real examples). Step s trains on
           idx[s][mask[s]] (the real examples are a prefix of the row; the loss is their
-          mean); a step whose mask is all False changes nothing. Rows of idx at masked
-          positions are valid indices but meaningless.
+          mean); the client runs only its own steps (the rows with any real example).
+          Rows of idx at masked positions are valid indices but meaningless.
         """
-        if "plan" not in self._compiled:
-            self._compiled["plan"] = jax.jit(self._plan)
-        idx, mask = self._compiled["plan"](jnp.int32(client_id), round_key, self.store)
+        if "plan" not in self._jitted:
+            self._jitted["plan"] = jax.jit(lambda c, k, s: self._plan(c, k, s)[:2])
+        idx, mask = self._jitted["plan"](jnp.int32(client_id), round_key, self.store)
+        if self.update.batches_per_step == 1:
+            idx, mask = idx[:, 0], mask[:, 0]
         return np.asarray(idx), np.asarray(mask)
 
-    def _client_update(self, params, batch_stats, client_id, round_key, store: ClientStore):
-        """E epochs of SGD for one client. Pure; traced once per strategy."""
+    def _client_fn(self, shared, client, client_id, round_key):
+        """The update of one client over its own live steps. Pure; traced once per program."""
         self.trace_count += 1
-        plan_idx, plan_mask = self._plan(client_id, round_key, store)
-        opt_state = self._tx.init(params)
+        store, start = shared
+        idx, mask, live = self._plan(client_id, round_key, store)
+        carry = self.update.init(start, client, client_id, jax.random.fold_in(round_key, client_id))
 
-        def step(carry, xs):
-            params, batch_stats, opt_state, loss_sum, seen = carry
-            idx, mask = xs
-            mask = mask.astype(jnp.float32)
-            x = normalize_images(store.images[idx], store.mean, store.std)
-            y = store.labels[idx]
+        def body(t, c):
+            carry, loss_sum, seen = c
+            rows, m = idx[t], mask[t].astype(jnp.float32)
+            batch = Batch(normalize_images(store.images[rows], store.mean, store.std),
+                          store.labels[rows], m)
+            carry, (loss, count) = self.update.step(carry, batch)
+            return carry, loss_sum + loss, seen + count
 
-            def loss_fn(p):
-                logits, new_vars = self.model.apply(
-                    {"params": p, "batch_stats": batch_stats}, x, train=True, mask=mask,
-                    mutable=["batch_stats"])
-                loss_total, count = masked_cross_entropy(logits, y, mask)
-                return loss_total / jnp.maximum(count, 1.0), (loss_total, new_vars)
+        carry, loss_sum, seen = jax.lax.fori_loop(0, live, body,
+                                                  (carry, jnp.float32(0.0), jnp.float32(0.0)))
+        return (self.update.finalize(carry, start, client),
+                {"loss_sum": loss_sum, "num_examples": seen})
 
-            grads, (loss_total, new_vars) = jax.grad(loss_fn, has_aux=True)(params)
-            updates, new_opt = self._tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            new_bs = new_vars.get("batch_stats", batch_stats)
-            live = jnp.sum(mask) > 0  # a fully padded step changes nothing
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(live, a, b), new, old)
-            carry = (keep(new_params, params), keep(new_bs, batch_stats), keep(new_opt, opt_state),
-                     loss_sum + loss_total, seen + jnp.sum(mask))
-            return carry, None
-
-        init = (params, batch_stats, opt_state, jnp.float32(0.0), jnp.float32(0.0))
-        (params, batch_stats, _, loss_sum, seen), _ = jax.lax.scan(
-            step, init, (plan_idx, plan_mask))
-        return params, batch_stats, {"loss_sum": loss_sum, "num_examples": seen}
-
-    # ------------------------------------------------------------------ strategies
-    def _vmap_fn(self):
-        if "vmap" not in self._compiled:
-            fn = jax.vmap(self._client_update, in_axes=(0, 0, 0, None, None))
-            self._compiled["vmap"] = jax.jit(fn)
-        return self._compiled["vmap"]
-
-    def _loop_fn(self):
-        if "loop" not in self._compiled:
-            def one(params, batch_stats, s, client_ids, round_key, store):
-                return self._client_update(take_clients(params, s), take_clients(batch_stats, s),
-                                           client_ids[s], round_key, store)
-
-            self._compiled["loop"] = jax.jit(one)
-            self._compiled["stack"] = jax.jit(lambda outs: jax.tree.map(lambda *a: jnp.stack(a), *outs))
-        return self._compiled["loop"], self._compiled["stack"]
-
-    def _shard_fn(self):
-        if "shard" not in self._compiled:
-            from jax.sharding import PartitionSpec as P
-
-            def local(params, batch_stats, client_ids, round_key, store):
-                return jax.lax.map(
-                    lambda a: self._client_update(a[0], a[1], a[2], round_key, store),
-                    (params, batch_stats, client_ids))
-
-            fn = jax.shard_map(local, mesh=self._mesh,
-                               in_specs=(P("clients"), P("clients"), P("clients"), P(), P()),
-                               out_specs=P("clients"), check_vma=False)
-            self._compiled["shard"] = jax.jit(fn)
-        return self._compiled["shard"]
-
-    def train(self, params, batch_stats, client_ids, round_key):
-        """Trains S clients starting from `params` (leaves [S, ...]).
+    # ------------------------------------------------------------------ a cohort
+    def run(self, shared, clients, client_ids, round_key, store: ClientStore | None = None):
+        """Runs the update for a cohort. Traceable; jitted when called with concrete arrays.
 
         Args:
-          params: pytree, leaves [S, ...]: the params each client starts from.
+          shared: the update's shared input (the same for every client; e.g. a global model).
+          clients: the update's per-client input, leaves [S, ...].
+          client_ids: int32 [S], rows of the store.
+          round_key: PRNG key of this round (client c uses fold_in(round_key, c)).
+          store: the client data; pass the jitted round's argument (default: self.store).
+
+        Returns:
+          (finalize outputs, leaves [S, ...], {'loss_sum': [S], 'num_examples': [S]}).
+        """
+        store = self.store if store is None else store
+        args = (shared, clients, jnp.asarray(client_ids, jnp.int32), round_key)
+        if "run" not in self._jitted:
+            self._jitted["run"] = jax.jit(self._run, out_shardings=replicated(self.mesh))
+        if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+            # a direct call: inputs committed to the mesh like the outputs, so that feeding
+            # outputs back in (the next round) hits the same compiled program
+            args = jax.device_put(args, replicated(self.mesh))
+        return self._jitted["run"](*args, store)
+
+    def _run(self, shared, clients, client_ids, round_key, store):
+        cost = self.live_steps(jnp.maximum(client_ids, 0), store)
+        return self._map((store, shared), clients, client_ids, round_key, cost=cost)
+
+    def train(self, params, batch_stats, client_ids, round_key, store: ClientStore | None = None,
+              *, shared_params: bool = False):
+        """Cross-entropy SGD (the default update) for S clients starting from `params`.
+
+        Args:
+          params: pytree, leaves [S, ...]: the params each client starts from; with
+            shared_params=True one unstacked pytree all clients start from.
           batch_stats: pytree, leaves [S, ...]: each client's BN running statistics.
           client_ids: int32 [S]: which stored client (rows of the ClientStore) each is.
           round_key: PRNG key of this round (per-client keys are fold_in(round_key, id)).
+          store: the client data (see `run`).
 
         Returns:
           (params [S, ...], batch_stats [S, ...], {'loss_sum': [S], 'num_examples': [S]}).
         """
-        client_ids = jnp.asarray(client_ids, jnp.int32)
-        num = int(client_ids.shape[0])
-        if self.strategy == "vmap":
-            return self._vmap_fn()(params, batch_stats, client_ids, round_key, self.store)
-        ndev = self._mesh.devices.size if self.strategy == "shard" else 1
-        if self.strategy == "loop" or num < ndev:
-            # (a cohort smaller than the device count, e.g. sequential pFedLA's one-client
-            # blocks, would only train padding copies on the other devices)
-            one, stack = self._loop_fn()
-            outs = [one(params, batch_stats, s, client_ids, round_key, self.store)
-                    for s in range(num)]
-            return stack(outs)
-        # shard: pad the cohort to a multiple of the device count with repeats of the
-        # first client; the padded results are dropped.
-        pad = (-num) % ndev
-        if pad:
-            rep = lambda t: jax.tree.map(
-                lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), t)
-            params, batch_stats, client_ids = rep(params), rep(batch_stats), rep(client_ids)
-        out = self._shard_fn()(params, batch_stats, client_ids, round_key, self.store)
-        if pad:
-            out = jax.tree.map(lambda a: a[:num], out)
-        return out
+        if shared_params:
+            out, metrics = self.run(params, {"batch_stats": batch_stats}, client_ids, round_key, store)
+        else:
+            out, metrics = self.run(None, {"params": params, "batch_stats": batch_stats},
+                                    client_ids, round_key, store)
+        return out["params"], out["batch_stats"], metrics

@@ -1,4 +1,4 @@
-"""Gather/scatter of the participating clients' rows of stacked pytrees."""
+"""Gather/scatter of the participating clients' rows of stacked pytrees, and padding."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ def take_clients(tree: Any, client_ids: jax.Array) -> Any:
 
 @jax.jit
 def put_clients(tree: Any, client_ids: jax.Array, rows: Any) -> Any:
-    """Writes `rows` ([S, ...]) into rows `client_ids` of `tree` ([N, ...])."""
+    """Writes `rows` ([S, ...]) into rows `client_ids` of `tree` ([N, ...]).
+
+    Inside a jitted round whose state is donated this updates the rows in place.
+    """
     return jax.tree.map(lambda a, r: a.at[client_ids].set(r.astype(a.dtype)), tree, rows)
 
 
@@ -25,6 +28,21 @@ def broadcast_clients(tree: Any, num: int) -> Any:
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (num,) + a.shape), tree)
 
 
+def pad_clients(tree: Any, num: int) -> Any:
+    """[N, ...] -> [num, ...] with zero rows appended (num >= N); no copy if num == N."""
+    def pad(a):
+        extra = num - a.shape[0]
+        if extra == 0:
+            return a
+        return jnp.concatenate([a, jnp.zeros((extra,) + a.shape[1:], a.dtype)])
+    return jax.tree.map(pad, tree)
+
+
+def unpad_clients(tree: Any, num: int) -> Any:
+    """[K, ...] -> [num, ...] (the first num rows); no copy if K == num."""
+    return jax.tree.map(lambda a: a if a.shape[0] == num else a[:num], tree)
+
+
 def tree_bytes(tree: Any) -> int:
-    """Bytes of all leaves of an (unstacked) pytree."""
+    """Bytes of all leaves of a pytree."""
     return int(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree)))

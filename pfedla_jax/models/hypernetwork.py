@@ -27,13 +27,21 @@ from pfedla_jax.models.cnn import torch_default_uniform
 NORMALIZATIONS = ("relu", "softmax")
 
 
+def _flag(name: str, text: str) -> dict:
+    return {"flag": name, "help": f"pFedLA: {text}"}
+
+
 @dataclasses.dataclass(frozen=True)
 class HNConfig:
-    embed_dim: int = 100
-    hidden_dim: int = 100
-    num_hidden: int = 3
-    normalization: str = "relu"  # 'relu' (ReLU then divide by sum) | 'softmax'
-    head_init: str = "uniform"   # 'uniform' U(0,1) heads (public code) | 'torch' default init
+    """The hypernetwork's shape (CLI flag names in the metadata)."""
+
+    embed_dim: int = dataclasses.field(default=100, metadata=_flag("hn_embed_dim", "embedding size."))
+    hidden_dim: int = dataclasses.field(default=100, metadata=_flag("hn_hidden_dim", "hidden width."))
+    num_hidden: int = dataclasses.field(default=3, metadata=_flag("hn_num_hidden", "hidden layers."))
+    normalization: str = dataclasses.field(default="relu", metadata=_flag(
+        "hn_normalization", "relu (ReLU then divide by sum) | softmax."))
+    head_init: str = dataclasses.field(default="uniform", metadata=_flag(
+        "hn_head_init", "uniform (U(0,1) heads, public code) | torch (PyTorch's default)."))
 
     def validate(self) -> None:
         if self.normalization not in NORMALIZATIONS:

@@ -6,11 +6,12 @@ Layout:
   metrics.jsonl        one JSON object per evaluated round (the contract tests read)
   metrics.csv          the same rows, scalar columns only
   tb/                  TensorBoard event files (per-round and per-evaluation scalars)
-  alpha.npz            pFedLA: alpha of every client and layer at every evaluated round
+  <export>.npz         arrays the algorithm exports at evaluations (pFedLA: alpha.npz,
+                       alpha of every client and layer at every evaluated round)
   summary.json         written when the run ends
 
 Resuming: the latest committed checkpoint gives the round r to restart from; rows of
-metrics.jsonl / metrics.csv / alpha.npz for rounds after r (written before an interruption)
+metrics.jsonl / metrics.csv / <export>.npz for rounds after r (written before an interruption)
 are dropped, and TensorBoard purges its events after r, so an interrupted and resumed run
 leaves the same files as an uninterrupted one.
 """
@@ -32,7 +33,7 @@ from pfedla_jax.errors import UserInputError
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-OUTPUT_FILES = ("metrics.jsonl", "metrics.csv", "summary.json", "alpha.npz", CONFIG_FILE)
+OUTPUT_FILES = ("metrics.jsonl", "metrics.csv", "summary.json", CONFIG_FILE)
 OUTPUT_DIRS = (CHECKPOINT_DIR, "tb")
 # Fields that may change between an interrupted run and its resumption: more rounds extend
 # a run; the others do not change what is computed.
@@ -63,12 +64,12 @@ def prepare_workdir(workdir: str, config: Any, overwrite: bool) -> bool:
       UserInputError: the workdir can't be written, or holds a run with another
         configuration (and `overwrite` is False).
     """
-    new = json.loads(json.dumps(dataclasses.asdict(config)))
+    new = json.loads(json.dumps(config.to_dict()))
     try:
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, CONFIG_FILE)
         if overwrite:
-            for name in OUTPUT_FILES:
+            for name in OUTPUT_FILES + tuple(sorted(_export_names())):
                 if os.path.exists(os.path.join(workdir, name)):
                     os.remove(os.path.join(workdir, name))
             for name in OUTPUT_DIRS:
@@ -203,7 +204,7 @@ class MetricsWriter:
         if keep is None:
             # nothing to resume: events of an earlier attempt would show as duplicate curves
             shutil.rmtree(os.path.join(workdir, "tb"), ignore_errors=True)
-            for name in ("alpha.npz", "summary.json"):
+            for name in ("summary.json", *sorted(_export_names())):
                 if os.path.exists(os.path.join(workdir, name)):
                     os.remove(os.path.join(workdir, name))
         _replace_file(self.jsonl, lambda f: f.writelines(json.dumps(r) + "\n" for r in self.records))
@@ -262,26 +263,56 @@ class MetricsWriter:
             self.tb = None
 
 
-def save_alpha_log(workdir: str, alpha_log: dict, layer_names: tuple[str, ...]) -> None:
-    """alpha.npz: round [E], alpha [E, N, L, N], retained [E, N, L], layers [L]."""
-    if not alpha_log["round"]:
-        return
-    tmp = os.path.join(workdir, "alpha.tmp.npz")
-    np.savez(tmp, round=np.array(alpha_log["round"]), alpha=np.stack(alpha_log["alpha"]),
-             retained=np.stack(alpha_log["retained"]), layers=np.array(layer_names))
-    os.replace(tmp, os.path.join(workdir, "alpha.npz"))  # never a half-written file
+def _export_names() -> set[str]:
+    """The export files any registered algorithm may write (removed by a fresh start)."""
+    from pfedla_jax.algorithms import algorithm_class, algorithm_names
+
+    return {f"{algorithm_class(n).export_name}.npz" for n in algorithm_names()
+            if algorithm_class(n).export_name}
 
 
-def load_alpha_log(workdir: str, keep) -> dict:
-    """The alpha history of the rounds `keep(round)` accepts (empty if there is none)."""
-    log = {"round": [], "alpha": [], "retained": []}
-    path = os.path.join(workdir, "alpha.npz")
-    if not os.path.exists(path):
-        return log
-    with np.load(path) as z:
-        for r, a, k in zip(z["round"], z["alpha"], z["retained"]):
-            if keep(int(r)):
-                log["round"].append(int(r))
-                log["alpha"].append(a)
-                log["retained"].append(k)
-    return log
+class ExportLog:
+    """WORKDIR/<name>.npz: the arrays an algorithm exports at every evaluated round.
+
+    Keys: 'round' [E], each exported array stacked over evaluations [E, ...], plus the
+    algorithm's constant metadata (e.g. pFedLA's alpha.npz: round [E], alpha [E, N, L, N],
+    retained [E, N, L], layers [L]). Rewritten atomically at checkpoints and at the end.
+
+    Args:
+      workdir: the run directory.
+      name: the file's name without .npz; None = the algorithm exports nothing (no-op).
+      metadata: constant arrays stored beside.
+      keep: on resume, a predicate on the rounds of the existing file to keep (None: fresh).
+    """
+
+    def __init__(self, workdir: str, name: str | None, metadata: dict, keep=None):
+        self.path = os.path.join(workdir, f"{name}.npz") if name else None
+        self.metadata = metadata
+        self.rounds: list[int] = []
+        self.arrays: dict[str, list[np.ndarray]] = {}
+        if self.path and keep is not None and os.path.exists(self.path):
+            with np.load(self.path) as z:
+                names = [k for k in z.files if k != "round" and k not in metadata]
+                for i, r in enumerate(z["round"]):
+                    if keep(int(r)):
+                        self.append(int(r), {k: z[k][i] for k in names})
+
+    def append(self, round_done: int, arrays: dict[str, np.ndarray]) -> None:
+        if self.path is None or not arrays:
+            return
+        self.rounds.append(round_done)
+        for k, v in arrays.items():
+            self.arrays.setdefault(k, []).append(np.asarray(v))
+
+    def save(self) -> None:
+        if self.path is None or not self.rounds:
+            return
+        tmp = self.path[: -len(".npz")] + ".tmp.npz"
+        np.savez(tmp, round=np.array(self.rounds), **{k: np.stack(v) for k, v in self.arrays.items()},
+                 **self.metadata)
+        os.replace(tmp, self.path)  # never a half-written file
+
+
+def write_summary(workdir: str, summary: dict) -> None:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)

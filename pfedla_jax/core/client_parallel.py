@@ -1,0 +1,186 @@
+"""`for_each_client`: the one place that maps a per-client function over a cohort of clients.
+
+Every per-client quantity is a pytree with a leading client axis (`[S, ...]` for a cohort
+of S participants). `for_each_client(client_fn, strategy, mesh)` turns a function of ONE
+client,
+
+    client_fn(shared, client, client_id, key) -> out
+
+into a function of the whole cohort,
+
+    fn(shared, clients[S, ...], client_ids[S], key) -> out[S, ...],
+
+where `shared` (a global model, the client data store, ...) is passed to every client
+without being copied S times. It is the only code that knows about devices (the idea of
+fedjax's `for_each_client`, on stacked clients). Strategies:
+
+  vmap   `jax.vmap` over the cohort (GPU/TPU). On a mesh of several devices, each device
+         vmaps its block of clients (`shard_map`). `batch_size` bounds how many clients
+         are vmapped at once (`lax.map(..., batch_size=)`), e.g. for evaluation.
+  loop   one client after another (`lax.map`) on one device: the fast CPU path with a
+         single device (XLA:CPU runs a vmapped conv as a slow grouped conv).
+  shard  the cohort split over the mesh axis `clients` (`shard_map`), each device running
+         its clients one after another (`lax.map`): the CPU path with one XLA device per
+         core, and the multi-device path.
+  auto   by backend: CPU -> `shard` with several devices, `loop` with one; else `vmap`.
+
+Client ids < 0 mark padding: such entries are skipped (`lax.cond`; under `vmap` both
+branches run and the padding's result is dropped) and their outputs are zeros. A cohort
+that does not divide the mesh is padded this way, so no device computes a copy of a real
+client. With `cost` (e.g. each client's number of local steps), `shard` deals the clients
+to devices so that every device gets a similar total (a cohort's time is its slowest
+device's), then restores the original order.
+
+All of it is traceable: call it inside a jitted round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pfedla_jax.errors import UserInputError
+
+STRATEGIES = ("auto", "vmap", "loop", "shard")
+CLIENT_AXIS = "clients"
+
+
+def resolve_strategy(strategy: str) -> str:
+    """Picks the client-parallel strategy; 'auto' by backend and device count.
+
+    Raises:
+      UserInputError: unknown strategy.
+    """
+    if strategy not in STRATEGIES:
+        raise UserInputError(
+            f"unknown --client_parallelism {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if strategy != "auto":
+        return strategy
+    if jax.default_backend() == "cpu":
+        # Measured (BUILD_NOTES.md §5): on CPU the per-client loop with the custom-VJP conv
+        # beats vmap (grouped conv); several host devices beat XLA's intra-op threads.
+        return "shard" if jax.device_count() > 1 else "loop"
+    return "vmap"
+
+
+def make_mesh(strategy: str) -> Mesh:
+    """The 1-D mesh (axis `clients`) a resolved strategy runs on: `loop` uses one device,
+    `vmap` and `shard` every device of the process."""
+    devices = jax.devices()[:1] if strategy == "loop" else jax.devices()
+    return Mesh(np.array(devices), (CLIENT_AXIS,))
+
+
+def padded_size(num: int, mesh: Mesh) -> int:
+    """`num` rounded up to a multiple of the mesh size (stacked state is padded to it)."""
+    d = mesh.devices.size
+    return -(-num // d) * d
+
+
+def client_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (client) axis split over the mesh."""
+    return NamedSharding(mesh, P(CLIENT_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _pad_rows(tree: Any, pad: int) -> Any:
+    return jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)]), tree)
+
+
+def balanced_order(cost: jax.Array, num_devices: int) -> jax.Array:
+    """A permutation of the cohort that gives each device's contiguous block a similar total cost.
+
+    Clients sorted by decreasing cost are dealt to devices in a snake order (0, 1, ..., D-1,
+    D-1, ..., 0, ...); the result lists device 0's clients first. Traceable.
+
+    Args:
+      cost: [S] per-client cost (S a multiple of num_devices).
+      num_devices: D.
+    Returns:
+      int32 [S]: position p of the reordered cohort holds client perm[p].
+    """
+    s = cost.shape[0]
+    per = s // num_devices
+    rank = np.arange(s)
+    lap, pos = rank // num_devices, rank % num_devices
+    device = np.where(lap % 2 == 0, pos, num_devices - 1 - pos)
+    slot = device * per + lap                     # where the rank-th costliest client goes
+    by_cost = jnp.argsort(-cost, stable=True)     # client ids by decreasing cost
+    return jnp.zeros(s, jnp.int32).at[jnp.asarray(slot)].set(by_cost.astype(jnp.int32))
+
+
+def for_each_client(client_fn: Callable[..., Any], strategy: str, mesh: Mesh | None = None, *,
+                    batch_size: int | None = None) -> Callable[..., Any]:
+    """Maps `client_fn(shared, client, client_id, key) -> out` over a stacked cohort.
+
+    Args:
+      client_fn: a pure function of one client: `shared` (any pytree, the same for every
+        client), `client` (one row of the per-client pytree), `client_id` (int32 scalar,
+        >= 0), `key` (the round's key; derive per-client keys with fold_in(key, client_id)).
+      strategy: 'vmap', 'loop', 'shard' or 'auto'.
+      mesh: the device mesh (axis 'clients'); default `make_mesh(strategy)`.
+      batch_size: with 'vmap', at most this many clients are vmapped at once.
+
+    Returns:
+      `fn(shared, clients, client_ids, key, cost=None) -> out`, with `clients` leaves
+      [S, ...], `client_ids` int32 [S] (negative = padding: skipped, zero output) and
+      `out` leaves [S, ...] in the cohort's order. `cost` ([S], optional) balances the
+      `shard` split.
+    """
+    strategy = resolve_strategy(strategy)
+    mesh = mesh if mesh is not None else make_mesh(strategy)
+    num_devices = mesh.devices.size
+
+    def guarded(shared, client, cid, key):
+        valid = cid >= 0
+        safe = jnp.maximum(cid, 0)
+        shape = jax.eval_shape(client_fn, shared, client, safe, key)
+        zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+        return jax.lax.cond(valid, lambda: client_fn(shared, client, safe, key), zeros)
+
+    def run_block(shared, clients, ids, key):
+        """One device's clients."""
+        if strategy == "vmap":
+            one = lambda a: guarded(shared, a[0], a[1], key)
+            if batch_size is None or batch_size >= ids.shape[0]:
+                return jax.vmap(one)((clients, ids))
+            return jax.lax.map(one, (clients, ids), batch_size=batch_size)
+        return jax.lax.map(lambda a: guarded(shared, a[0], a[1], key), (clients, ids))
+
+    def fn(shared, clients, client_ids, key, cost=None):
+        client_ids = jnp.asarray(client_ids, jnp.int32)
+        num = client_ids.shape[0]
+        if num_devices == 1:
+            return run_block(shared, clients, client_ids, key)
+        pad = (-num) % num_devices
+        if pad:
+            clients = _pad_rows(clients, pad)
+            client_ids = jnp.concatenate([client_ids, jnp.full((pad,), -1, jnp.int32)])
+            if cost is not None:
+                cost = jnp.concatenate([cost, jnp.full((pad,), -1, cost.dtype)])
+        perm = None
+        if cost is not None and strategy == "shard":
+            perm = balanced_order(cost, num_devices)
+            clients = jax.tree.map(lambda a: jnp.take(a, perm, axis=0), clients)
+            client_ids = jnp.take(client_ids, perm)
+        out = jax.shard_map(run_block, mesh=mesh,
+                            in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P()),
+                            out_specs=P(CLIENT_AXIS), check_vma=False)(shared, clients, client_ids, key)
+        if perm is not None:
+            inverse = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+            out = jax.tree.map(lambda a: jnp.take(a, inverse, axis=0), out)
+        if pad:
+            out = jax.tree.map(lambda a: a[:num], out)
+        return out
+
+    fn.strategy = strategy
+    fn.mesh = mesh
+    return fn
