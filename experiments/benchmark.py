@@ -56,6 +56,9 @@ _SERVER_N = flags.DEFINE_list("server_clients", ["10", "100", "500"],
                               "Client counts for the server-step-only measurement ('' = skip).")
 _SERVER_REPEATS = flags.DEFINE_integer("server_repeats", 3, "Measured server steps (median).")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0 = all cores).")
+_PAUSE = flags.DEFINE_float("pause_s", 0.3, "Seconds of sleep before each measured round (not "
+                            "timed): the other framework's worker threads (torch's OpenMP threads "
+                            "spin after a parallel region) go idle first.")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Measure JAX only.")
 _OUT = flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
 SECTIONS = ("rounds", "server", "overhead", "memory", "compile")
@@ -176,6 +179,7 @@ def round_benchmark(model_name: str) -> dict:
 
     def jax_round(t):
         nonlocal state
+        time.sleep(_PAUSE.value)
         t0 = time.perf_counter()
         state, info = algo.round(state, t, participants, jax.random.fold_in(key, t))
         jax.device_get(info)  # what the experiment loop reads every round
@@ -190,6 +194,7 @@ def round_benchmark(model_name: str) -> dict:
         server = _torch_setup(model_name, dataset, part)
 
         def torch_round(t):
+            time.sleep(_PAUSE.value)
             t0 = time.perf_counter()
             server.round(t, range(n))
             return time.perf_counter() - t0
@@ -302,34 +307,32 @@ def server_benchmark(num_clients: int) -> dict:
     return out
 
 
-def _timed_rounds(algo, num_rounds: int, participants, warmup: int = 2) -> list[float]:
-    """Seconds of `num_rounds` rounds after `warmup`, each as the experiment loop runs it
-    (one compiled round + one read of its metrics)."""
-    import jax
-
-    key = jax.random.PRNGKey(0)
-    state = algo.init(key)
-    times = []
-    for t in range(warmup + num_rounds):
-        t0 = time.perf_counter()
-        state, info = algo.round(state, t, participants, jax.random.fold_in(key, t))
-        jax.device_get(info)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t0)
-    return times[warmup:]
-
-
 def overhead_benchmark() -> dict:
-    """Fixed cost per round: pFedLA (or --algorithm), FMNIST CNN, rounds of 1 and 11 local steps."""
+    """Fixed cost per round: pFedLA (or --algorithm), FMNIST CNN, rounds of 1 and 11 local steps.
+
+    The two configurations alternate round by round (a slow phase of the machine hits both),
+    each round as the experiment loop runs it: one compiled round, one read of its metrics.
+    """
+    import jax
     import numpy as np
 
     n = _F.num_clients
     images, labels, train = synthetic_arrays(n, MODELS["fmnist"][0])
-    medians = {}
-    for steps in (1, 11):
-        algo, _, _ = _jax_setup("fmnist", n, images, labels, train, local_steps=steps)
-        medians[steps] = statistics.median(_timed_rounds(algo, _OVERHEAD_ROUNDS.value,
-                                                         np.arange(n, dtype=np.int32)))
+    participants = np.arange(n, dtype=np.int32)
+    key = jax.random.PRNGKey(0)
+    algos = {steps: _jax_setup("fmnist", n, images, labels, train, local_steps=steps)[0]
+             for steps in (1, 11)}
+    states = {steps: algo.init(key) for steps, algo in algos.items()}
+    times: dict[int, list[float]] = {1: [], 11: []}
+    for t in range(2 + _OVERHEAD_ROUNDS.value):
+        for steps, algo in algos.items():
+            t0 = time.perf_counter()
+            states[steps], info = algo.round(states[steps], t, participants, jax.random.fold_in(key, t))
+            jax.device_get(info)
+            jax.block_until_ready(states[steps])
+            if t >= 2:  # the first two rounds compile and warm up
+                times[steps].append(time.perf_counter() - t0)
+    medians = {steps: statistics.median(v) for steps, v in times.items()}
     per_step = (medians[11] - medians[1]) / 10
     return {"clients": n, "algorithm": _F.algorithm, "ms_per_round_1_step": 1000 * medians[1],
             "ms_per_round_11_steps": 1000 * medians[11], "ms_per_local_step": 1000 * per_step,

@@ -16,6 +16,10 @@ writes into WORKDIR/plots (or --out):
   the last evaluated round, bars = mean over clients, dots = clients (paper Fig. 7).
 * ``self_weight_over_training.png`` (pFedLA): the mean self-weight of each layer over the
   evaluated rounds (the trend of paper Fig. 5).
+* ``group_weights.png`` (pFedLA): the weight a target client (--target, default 0) puts on
+  itself, on the clients holding the same classes, on those sharing all but one class, and
+  on all the others together, per layer over the evaluated rounds (paper Fig. 5; the
+  ``fig5`` partition makes exactly these groups). Groups come from the label histogram.
 * ``label_histogram.png``: examples of each class per client (train + test), stacked bars.
   Taken from summary.json's ``label_histogram`` when the run wrote one, otherwise rebuilt
   from the config in summary.json (same dataset, partition and seed).
@@ -46,8 +50,8 @@ from experiments.run import _WORKDIR, fail, parse_flags, start
 from pfedla_jax.errors import UserInputError
 
 PLOTS = ("accuracy", "alpha_heatmap", "self_weight_per_layer", "self_weight_over_training",
-         "label_histogram")
-ALPHA_PLOTS = ("alpha_heatmap", "self_weight_per_layer", "self_weight_over_training")
+         "group_weights", "label_histogram")
+ALPHA_PLOTS = ("alpha_heatmap", "self_weight_per_layer", "self_weight_over_training", "group_weights")
 DEFAULT_LAYER = "FC1"
 
 _COMPARE = flags.DEFINE_multi_string(
@@ -55,6 +59,7 @@ _COMPARE = flags.DEFINE_multi_string(
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/plots).")
 _LAYER = flags.DEFINE_string(
     "layer", None, f"Layer of alpha_heatmap_<layer>.png (default {DEFAULT_LAYER}, else the first layer).")
+_TARGET = flags.DEFINE_integer("target", 0, "group_weights.png: the target client (fig5 partition: 0).")
 _PLOTS = flags.DEFINE_list(
     "plots", [], f"Plots to make, among {', '.join(PLOTS)} (default: all the run's files allow).")
 
@@ -161,6 +166,40 @@ def self_weights(alpha: np.ndarray) -> np.ndarray:
     n = alpha.shape[-1]
     idx = np.arange(n)
     return np.moveaxis(alpha[..., idx, :, idx], 0, -2)
+
+
+GROUPS = ("self", "same labels", "all but one class shared", "others (sum)")
+
+
+def client_groups(hist: np.ndarray, target: int) -> np.ndarray:
+    """Each client's group relative to `target` (index into GROUPS), from the classes it holds.
+
+    Args:
+      hist: int [N, C] examples per class per client.
+      target: the target client.
+    Returns:
+      int [N]: 0 the target itself, 1 the same class set, 2 all of the target's classes but
+      one shared, 3 the others.
+    """
+    held = hist > 0
+    k = int(held[target].sum())
+    shared = (held & held[target][None, :]).sum(1)
+    same = (held == held[target][None, :]).all(1)
+    groups = np.where(same, 1, np.where(shared == k - 1, 2, 3))
+    groups[target] = 0
+    return groups
+
+
+def group_weights(alpha: np.ndarray, groups: np.ndarray, target: int) -> np.ndarray:
+    """Summed weight the target puts on each group: float [E, 4 groups, L].
+
+    Args:
+      alpha: [E, N, L, N].
+      groups: int [N] from `client_groups`.
+      target: the target client.
+    """
+    a = alpha[:, target]                                        # [E, L, N]
+    return np.stack([a[:, :, groups == g].sum(-1) for g in range(len(GROUPS))], axis=1)
 
 
 def pick_layer(layers: Sequence[str], wanted: str | None) -> int:
@@ -359,6 +398,44 @@ def plot_self_weight_over_training(rounds: np.ndarray, self_w: np.ndarray, layer
     return _save(fig, path)
 
 
+def plot_group_weights(rounds: np.ndarray, weights: np.ndarray, layers: Sequence[str],
+                       counts: Sequence[int], path: str, target: int = 0) -> str:
+    """The target's summed weight on each client group, per layer, over training (Fig. 5).
+
+    Args:
+      rounds: int [E].
+      weights: float [E, 4, L] from `group_weights`.
+      layers: L names.
+      counts: clients per group (legend).
+      path: the PNG to write.
+      target: the target client (title).
+    """
+    plt = _pyplot()
+    num_layers = len(layers)
+    cols = min(4, num_layers)
+    rows = -(-num_layers // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False, sharey=True)
+    marker = "o" if len(rounds) <= 30 else None
+    for l, name in enumerate(layers):
+        ax = axes[l // cols, l % cols]
+        for g, label in enumerate(GROUPS):
+            if counts[g]:
+                ax.plot(rounds, weights[:, g, l], marker=marker, ms=2, color=f"C{g}",
+                        label=f"{label} ({counts[g]})" if g else label)
+        ax.set_title(str(name), fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(_integer_ticks())
+    for l in range(num_layers, rows * cols):
+        axes[l // cols, l % cols].axis("off")
+    axes[0, 0].set_ylabel("summed weight")
+    axes[-1, 0].set_xlabel("round")
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"Weights client {target} puts on each group of clients (paper Fig. 5)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_label_histogram(hist: np.ndarray, path: str) -> str:
     """Stacked bars: examples of each class (colour) per client (x).
 
@@ -397,7 +474,7 @@ def _slug(name: str) -> str:
 
 def make_plots(workdir: str, compare: Sequence[str] = (), out: str | None = None,
                layer: str | None = None, which: Sequence[str] = (),
-               warn=lambda s: print(s, file=sys.stderr, flush=True)) -> list[str]:
+               warn=lambda s: print(s, file=sys.stderr, flush=True), target: int = 0) -> list[str]:
     """Writes the plots of a run; returns the written paths.
 
     Args:
@@ -405,6 +482,7 @@ def make_plots(workdir: str, compare: Sequence[str] = (), out: str | None = None
       compare: more workdirs for accuracy.png.
       out: output folder (default workdir/plots).
       layer: alpha_heatmap's layer (default FC1, else the first).
+      target: group_weights' target client.
       which: subset of PLOTS; empty = all the run's files allow (alpha plots only with
         alpha.npz; label_histogram skipped with a warning if it cannot be obtained).
 
@@ -446,6 +524,21 @@ def make_plots(workdir: str, compare: Sequence[str] = (), out: str | None = None
         if "self_weight_over_training" in which:
             written.append(plot_self_weight_over_training(
                 a["round"], sw, layers, os.path.join(out, "self_weight_over_training.png")))
+        if "group_weights" in which:
+            n = a["alpha"].shape[1]
+            if not 0 <= target < n:
+                raise UserInputError(f"--target must be a client in [0, {n - 1}], got {target}")
+            try:
+                groups = client_groups(label_histogram_of(run), target)
+            except UserInputError as e:
+                if explicit:
+                    raise
+                warn(f"warning: group_weights.png skipped: {e}")
+            else:
+                written.append(plot_group_weights(
+                    a["round"], group_weights(a["alpha"], groups, target), layers,
+                    np.bincount(groups, minlength=len(GROUPS)).tolist(),
+                    os.path.join(out, "group_weights.png"), target))
     if "label_histogram" in which:
         try:
             hist = label_histogram_of(run)
@@ -461,7 +554,8 @@ def make_plots(workdir: str, compare: Sequence[str] = (), out: str | None = None
 def main(argv):
     start(argv)
     try:
-        paths = make_plots(_WORKDIR.value, _COMPARE.value, _OUT.value, _LAYER.value, _PLOTS.value)
+        paths = make_plots(_WORKDIR.value, _COMPARE.value, _OUT.value, _LAYER.value, _PLOTS.value,
+                           target=_TARGET.value)
     except UserInputError as e:
         fail(str(e))
     except OSError as e:

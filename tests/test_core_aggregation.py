@@ -85,3 +85,51 @@ def test_weighted_average():
     for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(stacked)):
         p = np.asarray(p, np.float64)
         np.testing.assert_allclose(np.asarray(g), 0.1 * p[0] + 0.3 * p[1] + 0.6 * p[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_s", [3, 4])
+def test_contractions_on_a_mesh_equal_one_device(num_s):
+    """Split over the two devices' rows (partial sums + one sum across devices) = one device;
+    the stack itself stays split (no device gathers the other's rows)."""
+    from pfedla_jax.algorithms.pfedla import normalized_cotangent
+    from pfedla_jax.core.client_parallel import client_sharding, make_mesh
+
+    mesh = make_mesh("shard")
+    assert mesh.devices.size == 2
+    rng = np.random.default_rng(3)
+    n = 6
+    stacked = jax.device_put(_params(rng, n), client_sharding(mesh))
+    delta = _params(rng, num_s)
+    lm = make_layer_map(jax.tree.map(lambda a: a[0], stacked), LAYERS, "layer")
+    alpha = jnp.asarray(rng.dirichlet(np.ones(n), size=(num_s, lm.num_layers)), jnp.float32)
+    for got, want in [
+        (jax.jit(lambda a, w: aggregate(a, w, lm, mesh))(alpha, stacked), aggregate(alpha, stacked, lm)),
+        (jax.jit(lambda w, d: alpha_cotangent(w, d, lm, mesh))(stacked, delta), alpha_cotangent(stacked, delta, lm)),
+        # 5 real clients of 6 rows: the padding row is excluded from the mean and spread
+        (jax.jit(lambda w, d: normalized_cotangent(w, d, lm, 5, mesh))(stacked, delta),
+         normalized_cotangent(jax.tree.map(lambda a: a[:5], stacked), delta, lm, 5)),
+    ]:
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def test_normalized_cotangent_is_scale_free():
+    """Scaling the clients' updates (a larger lr or budget) or the spread of the stored
+    models around their mean leaves it unchanged; equal models give zero."""
+    from pfedla_jax.algorithms.pfedla import normalized_cotangent
+
+    rng = np.random.default_rng(4)
+    stacked, delta = _params(rng, 5), _params(rng, 3)
+    lm = make_layer_map(jax.tree.map(lambda a: a[0], stacked), LAYERS, "layer")
+    base = normalized_cotangent(stacked, delta, lm, 5)
+    mean = jax.tree.map(lambda w: w.mean(0, keepdims=True), stacked)
+    for scale_delta, scale_spread in ((1e-3, 1.0), (50.0, 1.0), (1.0, 1e-2), (0.1, 20.0)):
+        spread = jax.tree.map(lambda w, m: m + scale_spread * (w - m), stacked, mean)
+        got = normalized_cotangent(spread, jax.tree.map(lambda d: scale_delta * d, delta), lm, 5)
+        np.testing.assert_allclose(got, base, rtol=2e-4, atol=2e-5)
+    # the raw cotangent is not: it scales with the update
+    raw = alpha_cotangent(stacked, delta, lm)
+    raw2 = alpha_cotangent(stacked, jax.tree.map(lambda d: 50.0 * d, delta), lm)
+    assert np.allclose(raw2, 50 * raw, rtol=1e-4)
+    same = jax.tree.map(lambda w: jnp.broadcast_to(w[:1], w.shape), stacked)
+    assert np.all(np.asarray(normalized_cotangent(same, delta, lm, 5)) == 0)

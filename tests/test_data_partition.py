@@ -322,3 +322,34 @@ def test_adjacent_infeasible_at_any_size():
         make_partition(labels, 10, 10, "adjacent", classes_per_client=2)
     with pytest.raises(UserInputError, match="adjacent: 10 clients x 2 classes use class 9"):
         max_samples_per_client(labels, 10, 10, "adjacent", classes_per_client=2)
+
+
+# ----------------------------------------------------------------------------- fig5 (Fig. 5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fig5_roles(seed):
+    # The paper's Fig. 5: 8 clients x 4 classes: a target, a client with the same labels,
+    # one sharing 3 classes with it, and 5 others.
+    p = make_partition(LAB, 10, 8, "fig5", classes_per_client=4, samples_per_client=200, seed=seed)
+    hist = check_partition(p, LAB, 8)
+    assert p.scheme == "fig5"
+    sets = [set(c.tolist()) for c in p.client_classes]
+    assert all(len(s) == 4 for s in sets)
+    target = sets[0]
+    assert sets[1] == target
+    assert len(sets[2] & target) == 3
+    assert all(len(s & target) <= 2 for s in sets[3:])
+    assert (hist.sum(1) == 200).all() and set(hist[hist > 0].tolist()) == {50}
+    again = make_partition(LAB, 10, 8, "fig5", classes_per_client=4, samples_per_client=200, seed=seed)
+    assert all(np.array_equal(a, b) for a, b in zip(p.train_indices, again.train_indices))
+
+
+def test_fig5_largest_size_and_bad_requests():
+    p = make_partition(LAB, 10, 8, "fig5", classes_per_client=4, seed=0)
+    assert p.samples_per_client == max_samples_per_client(LAB, 10, 8, "fig5", classes_per_client=4, seed=0)
+    for kw in ({"classes_per_client": 9}, {"classes_per_client": 1}):
+        with pytest.raises(UserInputError, match="fig5: needs"):
+            make_partition(LAB, 10, 8, "fig5", **kw)
+    with pytest.raises(UserInputError, match="fig5: needs >= 3 clients"):
+        make_partition(LAB, 10, 2, "fig5", classes_per_client=4)

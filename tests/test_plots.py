@@ -15,7 +15,7 @@ from pfedla_jax.errors import UserInputError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_PNGS = ("accuracy.png", "alpha_heatmap_fc1.png", "self_weight_per_layer.png",
-            "self_weight_over_training.png", "label_histogram.png")
+            "self_weight_over_training.png", "group_weights.png", "label_histogram.png")
 
 
 def _quiet_options():
@@ -161,7 +161,24 @@ def test_label_histogram_skipped_with_warning_when_not_rebuildable(runs, tmp_pat
     (workdir / "summary.json").write_text(json.dumps(summary))
     warnings = []
     paths = plots.make_plots(str(workdir), warn=warnings.append)
-    assert len(paths) == 4 and "label_histogram.png" not in [os.path.basename(x) for x in paths]
-    assert len(warnings) == 1 and "unknown dataset 'nosuch'" in warnings[0]
+    names = [os.path.basename(x) for x in paths]
+    assert len(paths) == 4 and "label_histogram.png" not in names and "group_weights.png" not in names
+    assert len(warnings) == 2 and all("unknown dataset 'nosuch'" in w for w in warnings)
     with pytest.raises(UserInputError, match="unknown dataset"):
         plots.make_plots(str(workdir), which=["label_histogram"])
+
+
+def test_group_weights_by_hand():
+    # target 0 holds classes {0,1,2,3}; client 1 the same; client 2 shares 3; 3 and 4 fewer
+    hist = np.zeros((5, 10), int)
+    for i, classes in enumerate([(0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 9), (0, 5, 6, 7), (4, 5, 6, 7)]):
+        hist[i, list(classes)] = 10
+    groups = plots.client_groups(hist, 0)
+    assert groups.tolist() == [0, 1, 2, 3, 3]
+    assert plots.client_groups(hist, 2).tolist() == [2, 2, 0, 3, 3]
+    alpha = np.random.default_rng(0).dirichlet(np.ones(5), size=(3, 5, 2))   # [E, N, L, N]
+    w = plots.group_weights(alpha, groups, 0)
+    assert w.shape == (3, 4, 2)
+    np.testing.assert_allclose(w[:, 0], alpha[:, 0, :, 0])
+    np.testing.assert_allclose(w[:, 3], alpha[:, 0, :, 3] + alpha[:, 0, :, 4])
+    np.testing.assert_allclose(w.sum(1), 1.0)

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfedla_jax.core.client_parallel import client_sharding, make_mesh, padded_size, replicated
+from pfedla_jax.core.client_parallel import (client_sharding, make_mesh, padded_size, put_rows,
+                                             replicated, take_rows)
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.stacking import broadcast_clients, pad_clients, tree_bytes, unpad_clients
 from pfedla_jax.data.store import ClientStore
@@ -149,6 +150,7 @@ class Algorithm(abc.ABC):
         self.config.validate()
         self.trace_count = 0  # traces of round_step (one per compiled program)
         self._round_fn = None
+        self._placed = None   # the last state `round` returned (placed on the mesh)
 
     # ------------------------------------------------------------------ to implement
     @abc.abstractmethod
@@ -192,6 +194,16 @@ class Algorithm(abc.ABC):
         return {k: replicated(mesh) if k in self.server_state_keys else client_sharding(mesh)
                 for k in state}
 
+    def take(self, tree: Any, client_ids: jax.Array) -> Any:
+        """Inside `round_step`: rows `client_ids` of a per-client state entry, [S, ...] on every
+        device (one collective for all its leaves; core.client_parallel.take_rows)."""
+        return take_rows(tree, client_ids, self.ctx.mesh)
+
+    def put(self, tree: Any, client_ids: jax.Array, rows: Any) -> Any:
+        """Inside `round_step`: `tree` with rows `client_ids` replaced by `rows`, each device
+        writing the rows it holds, in place (core.client_parallel.put_rows)."""
+        return put_rows(tree, client_ids, rows, self.ctx.mesh)
+
     def place(self, state: dict) -> dict:
         """`state` on the mesh (no copy for arrays already placed)."""
         return jax.device_put(state, self.state_shardings(state))
@@ -230,11 +242,14 @@ class Algorithm(abc.ABC):
           (new state, metrics as device arrays, per participant [S]: 'loss_sum',
           'num_examples', 'bytes_up', 'bytes_down').
         """
-        state = self.place(state)
+        if state is not self._placed:  # a state this method returned is already in place
+            state = self.place(state)
         if self._round_fn is None:
             shardings = self.state_shardings(state)
             self._round_fn = jax.jit(
                 self._round_impl, donate_argnums=(0,) if self.ctx.donate_state else (),
                 out_shardings=(shardings, replicated(self.ctx.mesh)))
-        ids = jnp.asarray(np.asarray(participants, np.int32))
-        return self._round_fn(state, jnp.int32(round_idx), ids, round_key, self.ctx.data)
+        state, metrics = self._round_fn(state, np.int32(round_idx), np.asarray(participants, np.int32),
+                                        round_key, self.ctx.data)
+        self._placed = state
+        return state, metrics

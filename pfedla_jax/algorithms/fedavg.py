@@ -16,7 +16,6 @@ from pfedla_jax.algorithms.base import Algorithm, Evaluation
 from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.aggregation import weighted_average
 from pfedla_jax.core.evaluation import View
-from pfedla_jax.core.stacking import put_clients, take_clients
 
 
 @register("fedavg")
@@ -34,13 +33,13 @@ class FedAvg(Algorithm):
     def round_step(self, state, round_idx, client_ids, key, data):
         # every participant starts from the global model (passed once, not S copies)
         params, stats, metrics = self.ctx.trainer.train(
-            state["global_params"], take_clients(state["batch_stats"], client_ids), client_ids,
+            state["global_params"], self.take(state["batch_stats"], client_ids), client_ids,
             key, data, shared_params=True)
         weights = jnp.take(data.train_count, client_ids).astype(jnp.float32)
         new_state = {
             "global_params": weighted_average(params, weights),
-            "client_params": put_clients(state["client_params"], client_ids, params),
-            "batch_stats": put_clients(state["batch_stats"], client_ids, stats),
+            "client_params": self.put(state["client_params"], client_ids, params),
+            "batch_stats": self.put(state["batch_stats"], client_ids, stats),
         }
         model = jnp.full(client_ids.shape, self.ctx.model_bytes, jnp.int32)
         return new_state, {**metrics, "bytes_up": model, "bytes_down": model}

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 from pfedla_jax.algorithms.base import Algorithm, Evaluation
 from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.evaluation import View
-from pfedla_jax.core.stacking import put_clients, take_clients
 
 
 @register("local")
@@ -17,11 +16,10 @@ class Local(Algorithm):
         return {"client_params": params, "batch_stats": stats}
 
     def round_step(self, state, round_idx, client_ids, key, data):
-        params, stats, metrics = self.ctx.trainer.train(
-            take_clients(state["client_params"], client_ids),
-            take_clients(state["batch_stats"], client_ids), client_ids, key, data)
-        state = {"client_params": put_clients(state["client_params"], client_ids, params),
-                 "batch_stats": put_clients(state["batch_stats"], client_ids, stats)}
+        mine = self.take({"params": state["client_params"], "stats": state["batch_stats"]}, client_ids)
+        params, stats, metrics = self.ctx.trainer.train(mine["params"], mine["stats"], client_ids, key, data)
+        state = {"client_params": self.put(state["client_params"], client_ids, params),
+                 "batch_stats": self.put(state["batch_stats"], client_ids, stats)}
         nothing = jnp.zeros(client_ids.shape, jnp.int32)
         return state, {**metrics, "bytes_up": nothing, "bytes_down": nothing}
 

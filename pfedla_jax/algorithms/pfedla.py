@@ -37,10 +37,12 @@ import optax
 
 from pfedla_jax.algorithms.base import Algorithm, Evaluation, FLContext
 from pfedla_jax.algorithms.registry import register
-from pfedla_jax.core.aggregation import aggregate, alpha_cotangent
+from jax.sharding import PartitionSpec as P
+
+from pfedla_jax.core.aggregation import _alpha_cotangent, aggregate, alpha_cotangent
+from pfedla_jax.core.client_parallel import CLIENT_AXIS, on_every_device
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.layers import GRANULARITIES, LayerMap, make_layer_map
-from pfedla_jax.core.stacking import put_clients, take_clients, unpad_clients
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models.hypernetwork import (HNConfig, LayerWeightHypernetwork,
                                             init_hypernetworks, stacked_alpha)
@@ -48,6 +50,7 @@ from pfedla_jax.models.hypernetwork import (HNConfig, LayerWeightHypernetwork,
 SEMANTICS = ("synchronous", "sequential")
 HN_SIGNS = ("descent", "flbench")
 HN_OPTIMIZERS = ("sgd", "adam")
+COTANGENTS = ("raw", "normalized")
 
 
 def _flag(name: str, text: str) -> dict:
@@ -73,6 +76,10 @@ class PFedLAConfig:
         "hn_sign", "descent (derivation) | flbench (public code's sign)."))
     heur_k: int = dataclasses.field(default=0, metadata={
         "flag": "heur_k", "help": "HeurpFedLA: layers kept local per client (0 = pFedLA)."})
+    hn_cotangent: str = dataclasses.field(default="raw", metadata=_flag(
+        "hn_cotangent", "raw (G = <theta_j, delta_i>, Eqs. 10-11) | normalized (per layer, "
+        "<theta_j - mean, delta_i> / (|delta_i| * spread of the stored models): an update "
+        "independent of the client lr and local budget; BUILD_NOTES §4)."))
 
     def validate(self) -> None:
         """Raises UserInputError on a bad option (heur_k's upper bound needs the model:
@@ -93,6 +100,9 @@ class PFedLAConfig:
             raise UserInputError(f"--hn_momentum must be in [0, 1), got {self.hn_momentum}")
         if self.heur_k < 0:
             raise UserInputError(f"--heur_k must be >= 0, got {self.heur_k}")
+        if self.hn_cotangent not in COTANGENTS:
+            raise UserInputError(f"unknown --hn_cotangent {self.hn_cotangent!r}; expected one of "
+                                 f"{', '.join(COTANGENTS)}")
 
 
 def make_hn_optimizer(cfg: PFedLAConfig) -> optax.GradientTransformation:
@@ -171,19 +181,40 @@ class PFedLA(Algorithm):
           (alpha [S, L, N], retained bool [S, L], theta_bar leaves [S, ...]).
         """
         alpha = stacked_alpha(self.hn, hn_params, client_ids)
+        retained, theta_bar = self._aggregate(alpha, client_params, client_ids)
+        return alpha, retained, theta_bar
+
+    def _aggregate(self, alpha, client_params, client_ids):
+        """(retained [S, L], theta_bar [S, ...]) from alpha [S, L, N] (Eqs. 6 and 12)."""
         retained = retained_layers(alpha, client_ids, self.config.heur_k)
         rows = jax.tree.leaves(client_params)[0].shape[0]
         mix = _pad_sources(effective_alpha(alpha, client_ids, retained), rows)
-        theta_bar = aggregate(mix, client_params, self.layer_map)
-        return alpha, retained, theta_bar
+        return retained, aggregate(mix, client_params, self.layer_map, self._mesh_of(client_params))
 
     def _hn_update(self, hn_params, hn_opt_state, client_params, client_ids, retained, delta):
         """Eqs. 10-11 through the closed-form cotangent; returns new (hn_params, opt_state).
 
-        `client_params` must be the stored params that built theta_bar (leaves [N_pad, ...]).
+        Args: the participants' hypernetworks and optimizer states (leaves [S, ...]), the
+        stored params that built theta_bar (leaves [N_pad, ...]), client_ids [S], retained
+        [S, L], delta [S, ...].
         """
-        delta_psi = hn_delta_psi(self.hn, self.layer_map, hn_params, client_params, client_ids,
-                                 retained, delta)
+        cot = hn_cotangent(client_params, delta, self.layer_map, self.hn.num_clients, retained,
+                           self.config.hn_cotangent, self._mesh_of(client_params))
+        return self._step_hypernetworks(hn_params, hn_opt_state, client_ids, cot)
+
+    def _on_every_device(self, fn):
+        return on_every_device(fn, self.ctx.mesh)
+
+    def _mesh_of(self, client_params):
+        """The state's mesh when `client_params` are the stored rows split over it, else None."""
+        mesh = self.ctx.mesh
+        rows = jax.tree.leaves(client_params)[0].shape[0]
+        return mesh if mesh.devices.size > 1 and rows % mesh.devices.size == 0 else None
+
+    def _step_hypernetworks(self, hn_params, hn_opt_state, client_ids, cot):
+        """psi_i <- psi_i + lr * (d alpha_i / d psi_i)^T cot_i for stacked rows [S, ...]."""
+        _, vjp = jax.vjp(lambda p: stacked_alpha(self.hn, p, client_ids), hn_params)
+        (delta_psi,) = vjp(cot)
         # optax minimises: passing -delta_psi steps psi <- psi + lr * delta_psi (descent on
         # L_i, digest §3.4); the public PyTorch code's sign passes +delta_psi.
         sign = -1.0 if self.config.hn_sign == "descent" else 1.0
@@ -191,21 +222,76 @@ class PFedLA(Algorithm):
         updates, new_opt = jax.vmap(self.hn_tx.update)(grads, hn_opt_state, hn_params)
         return optax.apply_updates(hn_params, updates), new_opt
 
+    # The participants' hypernetworks are taken from the stacked state a chunk at a time, so
+    # that at N = 1,000 (a client's heads are L x 100 x N floats, ~2 MB) the round never
+    # holds copies of all S of them.
+    HN_CHUNK_BYTES = 64 * 2**20
+
+    def _chunks(self, hn_params, hn_opt_state, num: int) -> int:
+        per_client = sum(a.size // a.shape[0] * a.dtype.itemsize
+                         for a in jax.tree.leaves((hn_params, hn_opt_state)))
+        return max(1, min(num, self.HN_CHUNK_BYTES // max(per_client, 1)))
+
+    def _take_hypernetworks(self, hn_params, hn_opt_state, ids):
+        """The rows `ids` of the hypernetworks and their optimizer states, on every device."""
+        return self.take((hn_params, hn_opt_state), ids)
+
+    def _cohort_alpha(self, hn_params, hn_opt_state, client_ids, chunk: int):
+        """alpha [S, L, N] of the participants, their hypernetworks taken `chunk` at a time."""
+        num = client_ids.shape[0]
+        padded = jnp.pad(client_ids, (0, -num % chunk)).reshape(-1, chunk)   # pad: client 0, dropped
+        forward = self._on_every_device(lambda p, i: stacked_alpha(self.hn, p, i))
+        alpha = jax.lax.map(lambda ids: forward(self._take_hypernetworks(hn_params, hn_opt_state, ids)[0], ids),
+                            padded)
+        return alpha.reshape((-1,) + alpha.shape[2:])[:num]
+
+    def _update_cohort(self, hn_params, hn_opt_state, client_ids, cot, chunk: int):
+        """Every participant's hypernetwork step, written back in place, `chunk` at a time."""
+        def step(hn_params, hn_opt_state, ids, cot, valid):
+            rows = self._take_hypernetworks(hn_params, hn_opt_state, ids)
+            new, opt = self._on_every_device(self._step_hypernetworks)(*rows, ids, cot)
+            target = jnp.where(valid, ids, jnp.iinfo(jnp.int32).max)          # padding: dropped
+            return self.put((hn_params, hn_opt_state), target, (new, opt))
+
+        num = client_ids.shape[0]
+        pad = -num % chunk
+        ids = jnp.pad(client_ids, (0, pad)).reshape(-1, chunk)
+        cots = jnp.pad(cot, ((0, pad), (0, 0), (0, 0))).reshape((-1, chunk) + cot.shape[1:])
+        valid = (jnp.arange(num + pad) < num).reshape(-1, chunk)
+
+        def body(carry, xs):
+            return step(*carry, *xs), None
+
+        (hn_params, hn_opt_state), _ = jax.lax.scan(body, (hn_params, hn_opt_state), (ids, cots, valid))
+        return hn_params, hn_opt_state
+
     def _block(self, state, ids, key, data):
         """Aggregate -> train -> store -> HN update for clients `ids`, from one snapshot."""
-        hn_params = take_clients(state["hn_params"], ids)
-        alpha, retained, theta_bar = self.personalize(hn_params, state["client_params"], ids)
+        chunk = self._chunks(state["hn_params"], state["hn_opt_state"], ids.shape[0])
+        whole = chunk >= ids.shape[0]   # all participants' hypernetworks taken at once
+        if whole:
+            hn_rows = self._take_hypernetworks(state["hn_params"], state["hn_opt_state"], ids)
+            alpha = self._on_every_device(lambda p, i: stacked_alpha(self.hn, p, i))(hn_rows[0], ids)
+        else:
+            alpha = self._cohort_alpha(state["hn_params"], state["hn_opt_state"], ids, chunk)
+        retained, theta_bar = self._aggregate(alpha, state["client_params"], ids)
         trained, stats, metrics = self.ctx.trainer.train(
-            theta_bar, take_clients(state["batch_stats"], ids), ids, key, data)
+            theta_bar, self.take(state["batch_stats"], ids), ids, key, data)
         delta = jax.tree.map(jnp.subtract, trained, theta_bar)
-        new_hn, new_opt = self.hn_update(hn_params, take_clients(state["hn_opt_state"], ids),
-                                         state["client_params"], ids, retained, delta)
+        # the HN gradient uses the stored params that built theta_bar (before the write below)
+        cot = hn_cotangent(state["client_params"], delta, self.layer_map, self.hn.num_clients,
+                           retained, self.config.hn_cotangent, self._mesh_of(state["client_params"]))
+        if whole:
+            new_hn, new_opt = self._on_every_device(self._step_hypernetworks)(*hn_rows, ids, cot)
+            hn_params, hn_opt = self.put((state["hn_params"], state["hn_opt_state"]), ids, (new_hn, new_opt))
+        else:
+            hn_params, hn_opt = self._update_cohort(state["hn_params"], state["hn_opt_state"], ids, cot, chunk)
         # theta_i <- theta_bar_i + delta_i (= the trained params)
         new_state = {
-            "client_params": put_clients(state["client_params"], ids, trained),
-            "batch_stats": put_clients(state["batch_stats"], ids, stats),
-            "hn_params": put_clients(state["hn_params"], ids, new_hn),
-            "hn_opt_state": put_clients(state["hn_opt_state"], ids, new_opt),
+            "client_params": self.put(state["client_params"], ids, trained),
+            "batch_stats": self.put(state["batch_stats"], ids, stats),
+            "hn_params": hn_params,
+            "hn_opt_state": hn_opt,
         }
         up, down = communication(self.layer_map.num_params, retained)
         return new_state, {**metrics, "bytes_up": up, "bytes_down": down}
@@ -222,19 +308,25 @@ class PFedLA(Algorithm):
 
     # ------------------------------------------------------------------ evaluation
     def all_alpha(self, state):
-        """(alpha [N, L, N], retained [N, L], theta_bar [N, ...]) of every client."""
-        ids = jnp.arange(self.ctx.num_clients, dtype=jnp.int32)
-        hn = unpad_clients(state["hn_params"], self.ctx.num_clients)
-        return self.personalize(hn, state["client_params"], ids)
+        """(alpha [N, L, N], retained [N, L], theta_bar [N_pad, ...]) of every client.
+
+        Every stored row goes through its own hypernetwork in place (the mesh-padding rows
+        as copies of client 0, dropped from alpha; their theta_bar rows are meaningless):
+        no copy of the N hypernetworks is made.
+        """
+        n = self.ctx.num_clients
+        rows = jax.tree.leaves(state["client_params"])[0].shape[0]
+        ids = jnp.where(jnp.arange(rows) < n, jnp.arange(rows), 0).astype(jnp.int32)
+        alpha, retained, theta_bar = self.personalize(state["hn_params"], state["client_params"], ids)
+        return alpha[:n], retained[:n], theta_bar
 
     def evaluate(self, state, round_idx, key):
         # alpha and theta_bar of all N clients from one personalize() call (it costs
         # O(N^2 |theta|): not to be done twice per evaluation)
         alpha, retained, theta_bar = self.all_alpha(state)
-        stats = unpad_clients(state["batch_stats"], self.ctx.num_clients)
         alpha, retained = np.asarray(alpha), np.asarray(retained)
         return Evaluation(
-            views={"": View(theta_bar, stats),
+            views={"": View(theta_bar, state["batch_stats"]),
                    "local": View(state["client_params"], state["batch_stats"])},
             arrays={"alpha": alpha, "retained": retained},
             scalars=alpha_statistics(alpha, self.layer_map.names))
@@ -259,13 +351,12 @@ def alpha_statistics(alpha: np.ndarray, names: tuple[str, ...]) -> dict[str, flo
     return out
 
 
-def hn_delta_psi(hn, layer_map: LayerMap, hn_params, client_params, client_ids, retained, delta):
+def hn_delta_psi(hn, layer_map: LayerMap, hn_params, client_params, client_ids, retained, delta,
+                 cotangent: str = "raw"):
     """(Delta v_i, Delta psi_i) = (d theta_bar_i / d psi_i)^T delta_i (paper Eqs. 10-11).
 
     Computed without differentiating through parameter-sized tensors: the cotangent of
-    alpha is G[s, l, j] = <theta_j[l], delta_s[l]> (closed form, `alpha_cotangent`), pulled
-    back through the small hypernetwork MLP only (`jax.vjp`). Layers retained by
-    HeurpFedLA did not use alpha, so their cotangent is zero.
+    alpha (`hn_cotangent`) pulled back through the small hypernetwork MLP only (`jax.vjp`).
 
     Args:
       hn: the hypernetwork module (over N clients).
@@ -276,14 +367,83 @@ def hn_delta_psi(hn, layer_map: LayerMap, hn_params, client_params, client_ids, 
       client_ids: int32 [S].
       retained: bool [S, L].
       delta: theta_trained - theta_bar, leaves [S, ...].
+      cotangent: 'raw' or 'normalized'.
     Returns:
       pytree like hn_params.
     """
-    cot = alpha_cotangent(client_params, delta, layer_map)[:, :, :hn.num_clients]  # [S, L, N]
-    cot = jnp.where(retained[:, :, None], 0.0, cot)
+    cot = hn_cotangent(client_params, delta, layer_map, hn.num_clients, retained, cotangent)
     _, vjp = jax.vjp(lambda p: stacked_alpha(hn, p, client_ids), hn_params)
     (delta_psi,) = vjp(cot)
     return delta_psi
+
+
+def hn_cotangent(client_params, delta, layer_map: LayerMap, num_clients: int, retained,
+                 cotangent: str = "raw", mesh=None) -> jax.Array:
+    """The cotangent of alpha [S, L, N] that Eqs. 10-11 pull back through the hypernetwork.
+
+    'raw': G[s, l, j] = <theta_j[l], delta_s[l]> (`alpha_cotangent`, the closed form of
+    d<theta_bar_s, delta_s>/d alpha[s, l, j]); 'normalized': `normalized_cotangent`. Layers
+    retained by HeurpFedLA did not use alpha: their cotangent is zero. `mesh`: the mesh the
+    stored params are split over (see core/aggregation.py).
+    """
+    if cotangent == "normalized":
+        cot = normalized_cotangent(client_params, delta, layer_map, num_clients, mesh)
+    else:
+        cot = alpha_cotangent(client_params, delta, layer_map, mesh)[:, :, :num_clients]
+    return jnp.where(retained[:, :, None], 0.0, cot)
+
+
+def normalized_cotangent(client_params, delta, layer_map: LayerMap, num_clients: int,
+                         mesh=None) -> jax.Array:
+    """The alpha cotangent made independent of the size of the clients' updates and models.
+
+        Gn[s, l, j] = <theta_j[l] - mean_k theta_k[l], delta_s[l]> / (|delta_s[l]| * sigma_l),
+        sigma_l^2  = mean_j |theta_j[l] - mean_k theta_k[l]|^2
+
+    i.e. how well client j's deviation from the mean model lines up with client s's local
+    update, a correlation in units of the models' spread. Only differences across j reach a
+    normalised alpha, so subtracting the mean leaves the direction of the raw update per
+    (s, l) unchanged; dividing by |delta| sigma removes its scale, which grows with the
+    client learning rate and local budget (the raw G is a product of two parameter
+    differences). Invariant to scaling delta (and to scaling the spread of the models);
+    zero when all stored models are equal. Sizes as `alpha_cotangent` (with `mesh`, each
+    device works on its own rows), padding rows (j >= num_clients) excluded; returns
+    [S, L, num_clients].
+    """
+    units = jax.tree.leaves(layer_map.layer_of_leaf)
+
+    def local(params, delta):
+        rows = jax.tree.leaves(params)[0].shape[0]
+        first = jax.lax.axis_index(CLIENT_AXIS) * rows if split else 0
+        real = ((first + jnp.arange(rows)) < num_clients).astype(jnp.float32)
+        total = lambda x: jax.lax.psum(x, CLIENT_AXIS) if split else x
+        # differences to client 0's row first: equal models give exactly zero (no rounding
+        # residue for the division by the spread to blow up), and less cancellation overall
+        ref = jax.tree.map(lambda w: total(jnp.where(first == 0, w[0], jnp.zeros_like(w[0]))), params)
+        diff = jax.tree.map(jnp.subtract, params, ref)
+        mean = jax.tree.map(lambda d: total(jnp.einsum("n,n...->...", real.astype(d.dtype), d,
+                                                       precision=jax.lax.Precision.HIGHEST)) / num_clients,
+                            diff)
+        centred = jax.tree.map(jnp.subtract, diff, mean)
+        spread = jnp.zeros((layer_map.num_layers,), jnp.float32)
+        for unit, c in zip(units, jax.tree.leaves(centred)):
+            spread = spread.at[unit].add(jnp.sum(jnp.square(c.reshape(rows, -1)) * real[:, None]))
+        return _alpha_cotangent(centred, delta, layer_map), total(spread) / num_clients
+
+    split = mesh is not None and mesh.devices.size > 1
+    if split:
+        cot, spread_sq = jax.shard_map(local, mesh=mesh, in_specs=(P(CLIENT_AXIS), P()),
+                                       out_specs=(P(None, None, CLIENT_AXIS), P()),
+                                       check_vma=False)(client_params, delta)
+    else:
+        cot, spread_sq = local(client_params, delta)
+    num_s = jax.tree.leaves(delta)[0].shape[0]
+    delta_sq = jnp.zeros((num_s, layer_map.num_layers), jnp.float32)
+    for unit, d in zip(units, jax.tree.leaves(delta)):
+        delta_sq = delta_sq.at[:, unit].add(jnp.sum(jnp.square(d.reshape(num_s, -1)), axis=1))
+    scale = jnp.sqrt(delta_sq) * jnp.sqrt(spread_sq)[None, :]                      # [S, L]
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return jnp.where(scale[:, :, None] > 0, cot[:, :, :num_clients] / safe[:, :, None], 0.0)
 
 
 def communication(layer_sizes, retained: jax.Array, bytes_per_param: int = 4):

@@ -10,6 +10,11 @@ The cotangent of alpha for the pFedLA hypernetwork update (paper Eqs. 10-11; dig
 is the closed form
 
     G[s, l, n] = d<theta_bar_s, delta_s>/d alpha[s, l, n] = sum_{leaves of l} <W[n], delta[s]>.
+
+With a device mesh whose axis `clients` splits the stack (`mesh=`), both contractions run
+where the stack lives (`shard_map`): each device contracts its own clients' rows and the
+partial results [S, ...] are summed across devices (the stack itself never moves: at
+N = 1,000 no device gathers the other devices' 1,000 x |theta| rows).
 """
 
 from __future__ import annotations
@@ -19,21 +24,41 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
+from pfedla_jax.core.client_parallel import CLIENT_AXIS
 from pfedla_jax.core.layers import LayerMap
 
 
-def aggregate(alpha: jax.Array, stacked_params: Any, layer_map: LayerMap) -> Any:
+def _split(mesh) -> bool:
+    return mesh is not None and mesh.devices.size > 1
+
+
+def aggregate(alpha: jax.Array, stacked_params: Any, layer_map: LayerMap, mesh=None) -> Any:
     """Personalised params of S clients from the N stored ones (paper Eq. 6).
 
     Args:
       alpha: [S, L, N] aggregation weights; alpha[s, l] sums to 1 over n.
       stacked_params: pytree with leaves [N, ...].
       layer_map: which unit l each leaf belongs to.
+      mesh: optional mesh splitting the N rows over its `clients` axis (N divisible by its
+        size): partial sums per device, then one sum across devices (the result is on every
+        device).
 
     Returns:
       pytree with leaves [S, ...].
     """
+    if not _split(mesh):
+        return _aggregate(alpha, stacked_params, layer_map)
 
+    def local(alpha_block, params_block):
+        return jax.lax.psum(_aggregate(alpha_block, params_block, layer_map), CLIENT_AXIS)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, None, CLIENT_AXIS), P(CLIENT_AXIS)),
+                         out_specs=P(), check_vma=False)(alpha, stacked_params)
+
+
+def _aggregate(alpha, stacked_params, layer_map):
     def mix(unit, w):
         weights = alpha[:, unit, :].astype(w.dtype)
         # HIGHEST: the mix must be exact to float32 (a one-hot alpha must return a client's
@@ -43,7 +68,7 @@ def aggregate(alpha: jax.Array, stacked_params: Any, layer_map: LayerMap) -> Any
     return jax.tree.map(mix, layer_map.layer_of_leaf, stacked_params)
 
 
-def alpha_cotangent(stacked_params: Any, delta: Any, layer_map: LayerMap) -> jax.Array:
+def alpha_cotangent(stacked_params: Any, delta: Any, layer_map: LayerMap, mesh=None) -> jax.Array:
     """G[s, l, n] = sum over leaves of layer l of <W[n], delta[s]> (digest §3.4).
 
     Args:
@@ -51,10 +76,20 @@ def alpha_cotangent(stacked_params: Any, delta: Any, layer_map: LayerMap) -> jax
         built theta_bar_s.
       delta: pytree with leaves [S, ...]: the local updates delta theta_s.
       layer_map: the units.
+      mesh: optional mesh splitting the N rows (as for `aggregate`): each device computes the
+        columns of its own clients (delta is broadcast to every device).
 
     Returns:
       [S, L, N] float32.
     """
+    if not _split(mesh):
+        return _alpha_cotangent(stacked_params, delta, layer_map)
+    return jax.shard_map(lambda w, d: _alpha_cotangent(w, d, layer_map), mesh=mesh,
+                         in_specs=(P(CLIENT_AXIS), P()), out_specs=P(None, None, CLIENT_AXIS),
+                         check_vma=False)(stacked_params, delta)
+
+
+def _alpha_cotangent(stacked_params, delta, layer_map):
     leaves_w = jax.tree.leaves(stacked_params)
     leaves_d = jax.tree.leaves(delta)
     units = jax.tree.leaves(layer_map.layer_of_leaf)

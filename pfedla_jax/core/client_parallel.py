@@ -36,6 +36,7 @@ All of it is traceable: call it inside a jitted round.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -117,8 +118,87 @@ def balanced_order(cost: jax.Array, num_devices: int) -> jax.Array:
     return jnp.zeros(s, jnp.int32).at[jnp.asarray(slot)].set(by_cost.astype(jnp.int32))
 
 
+def _pack(leaves, num):
+    dtype = jnp.result_type(*leaves)
+    return jnp.concatenate([a.reshape(num, -1).astype(dtype) for a in leaves], axis=1)
+
+
+def _unpack(flat, like):
+    out, offset = [], 0
+    for a in like:
+        size = int(np.prod(a.shape[1:], dtype=np.int64))
+        out.append(flat[:, offset:offset + size].reshape((flat.shape[0],) + a.shape[1:]).astype(a.dtype))
+        offset += size
+    return out
+
+
+def take_rows(tree: Any, ids: jax.Array, mesh: Mesh | None) -> Any:
+    """Rows `ids` of a stacked tree split over `mesh` ([N_pad, ...] -> [S, ...] on every device).
+
+    Each device takes the rows it holds (zeros for the others) and ONE sum across devices
+    (all leaves packed into one buffer) completes them: one collective, however many leaves.
+    Without a mesh (or with one device) a plain gather. Traceable.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    if mesh is None or mesh.devices.size == 1 or not leaves:
+        return jax.tree.map(lambda a: jnp.take(a, ids, axis=0), tree)
+
+    def local(block_leaves, ids):
+        rows = block_leaves[0].shape[0]
+        mine = ids - jax.lax.axis_index(CLIENT_AXIS) * rows
+        held = (mine >= 0) & (mine < rows)
+        taken = [jnp.where(held.reshape((-1,) + (1,) * (a.ndim - 1)),
+                           jnp.take(a, jnp.clip(mine, 0, rows - 1), axis=0), 0) for a in block_leaves]
+        return jax.lax.psum(_pack(taken, ids.shape[0]), CLIENT_AXIS)
+
+    flat = jax.shard_map(local, mesh=mesh, in_specs=(P(CLIENT_AXIS), P()), out_specs=P(),
+                         check_vma=False)(leaves, ids)
+    return jax.tree.unflatten(treedef, _unpack(flat, leaves))
+
+
+def put_rows(tree: Any, ids: jax.Array, rows: Any, mesh: Mesh | None) -> Any:
+    """`tree` with rows `ids` set to `rows` ([S, ...], the same on every device): each device
+    writes the rows it holds, in place, with no communication. Without a mesh a plain scatter.
+    Traceable."""
+    if mesh is None or mesh.devices.size == 1:
+        return jax.tree.map(lambda a, r: a.at[ids].set(r.astype(a.dtype), mode="drop"), tree, rows)
+
+    def local(block, ids, rows):
+        def write(a, r):
+            num = a.shape[0]
+            mine = ids - jax.lax.axis_index(CLIENT_AXIS) * num
+            target = jnp.where((mine >= 0) & (mine < num), mine, num)   # others: dropped
+            return a.at[target].set(r.astype(a.dtype), mode="drop")
+        return jax.tree.map(write, block, rows)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(CLIENT_AXIS), P(), P()),
+                         out_specs=P(CLIENT_AXIS), check_vma=False)(tree, ids, rows)
+
+
+def on_every_device(fn: Callable[..., Any], mesh: Mesh | None) -> Callable[..., Any]:
+    """Inside a jitted program: `fn` run whole on every device of `mesh` (its inputs and
+    outputs replicated), so XLA does not split it over the devices and gather the pieces
+    back (for small per-cohort work that the state's layout would otherwise partition)."""
+    if mesh is None or mesh.devices.size == 1:
+        return fn
+    return lambda *args: jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(),
+                                       check_vma=False)(*args)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Inside a jitted program: every leaf of `tree` (all with a leading axis S) on every
+    device of `mesh`, moved as ONE collective: the leaves are packed per row into a single
+    [S, total] buffer first (XLA:CPU would otherwise gather each leaf separately, and each
+    collective synchronises the devices). Values are unchanged."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if mesh.devices.size == 1 or not leaves:
+        return tree
+    flat = jax.lax.with_sharding_constraint(_pack(leaves, leaves[0].shape[0]), replicated(mesh))
+    return jax.tree.unflatten(treedef, _unpack(flat, leaves))
+
+
 def for_each_client(client_fn: Callable[..., Any], strategy: str, mesh: Mesh | None = None, *,
-                    batch_size: int | None = None) -> Callable[..., Any]:
+                    batch_size: int | None = None, negative_ids: bool = True) -> Callable[..., Any]:
     """Maps `client_fn(shared, client, client_id, key) -> out` over a stacked cohort.
 
     Args:
@@ -128,12 +208,15 @@ def for_each_client(client_fn: Callable[..., Any], strategy: str, mesh: Mesh | N
       strategy: 'vmap', 'loop', 'shard' or 'auto'.
       mesh: the device mesh (axis 'clients'); default `make_mesh(strategy)`.
       batch_size: with 'vmap', at most this many clients are vmapped at once.
+      negative_ids: whether callers may pass padding ids (< 0). If not, the per-client
+        `lax.cond` is only used for the padding to the mesh (it costs a copy of its
+        operands, the shared data included, on XLA:CPU).
 
     Returns:
       `fn(shared, clients, client_ids, key, cost=None) -> out`, with `clients` leaves
       [S, ...], `client_ids` int32 [S] (negative = padding: skipped, zero output) and
-      `out` leaves [S, ...] in the cohort's order. `cost` ([S], optional) balances the
-      `shard` split.
+      `out` leaves [S, ...] in the cohort's order, on every device of the mesh (gathered
+      in one collective). `cost` ([S], optional) balances the `shard` split.
     """
     strategy = resolve_strategy(strategy)
     mesh = mesh if mesh is not None else make_mesh(strategy)
@@ -146,21 +229,23 @@ def for_each_client(client_fn: Callable[..., Any], strategy: str, mesh: Mesh | N
         zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
         return jax.lax.cond(valid, lambda: client_fn(shared, client, safe, key), zeros)
 
-    def run_block(shared, clients, ids, key):
+    def run_block(shared, clients, ids, key, guard=True):
         """One device's clients."""
+        call = guarded if guard else client_fn
+        one = lambda a: call(shared, a[0], a[1], key)
         if strategy == "vmap":
-            one = lambda a: guarded(shared, a[0], a[1], key)
             if batch_size is None or batch_size >= ids.shape[0]:
                 return jax.vmap(one)((clients, ids))
             return jax.lax.map(one, (clients, ids), batch_size=batch_size)
-        return jax.lax.map(lambda a: guarded(shared, a[0], a[1], key), (clients, ids))
+        return jax.lax.map(one, (clients, ids))
 
     def fn(shared, clients, client_ids, key, cost=None):
         client_ids = jnp.asarray(client_ids, jnp.int32)
         num = client_ids.shape[0]
         if num_devices == 1:
-            return run_block(shared, clients, client_ids, key)
+            return run_block(shared, clients, client_ids, key, negative_ids)
         pad = (-num) % num_devices
+        guard = negative_ids or pad > 0
         if pad:
             clients = _pad_rows(clients, pad)
             client_ids = jnp.concatenate([client_ids, jnp.full((pad,), -1, jnp.int32)])
@@ -171,9 +256,19 @@ def for_each_client(client_fn: Callable[..., Any], strategy: str, mesh: Mesh | N
             perm = balanced_order(cost, num_devices)
             clients = jax.tree.map(lambda a: jnp.take(a, perm, axis=0), clients)
             client_ids = jnp.take(client_ids, perm)
-        out = jax.shard_map(run_block, mesh=mesh,
-                            in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P()),
-                            out_specs=P(CLIENT_AXIS), check_vma=False)(shared, clients, client_ids, key)
+        shape = jax.eval_shape(functools.partial(run_block, guard=guard), shared, clients, client_ids, key)
+        leaves, treedef = jax.tree.flatten(shape)
+
+        def run_and_gather(shared, clients, ids, key):
+            # the block's outputs packed into one buffer and gathered from every device at once
+            # (one collective, however many leaves the outputs have)
+            out = jax.tree.leaves(run_block(shared, clients, ids, key, guard))
+            return jax.lax.all_gather(_pack(out, ids.shape[0]), CLIENT_AXIS, tiled=True)
+
+        flat = jax.shard_map(run_and_gather, mesh=mesh,
+                             in_specs=(P(), P(CLIENT_AXIS), P(CLIENT_AXIS), P()),
+                             out_specs=P(), check_vma=False)(shared, clients, client_ids, key)
+        out = jax.tree.unflatten(treedef, _unpack(flat, leaves))
         if perm is not None:
             inverse = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
             out = jax.tree.map(lambda a: jnp.take(a, inverse, axis=0), out)

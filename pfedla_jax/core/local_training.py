@@ -151,9 +151,11 @@ class ClientTrainer:
         if self.num_steps < 1:
             raise UserInputError(f"local training of {num_batches} batches gives no step of "
                                  f"{k} batches; raise --local_epochs or --local_steps")
+        # balancing the devices by step counts only matters when the counts differ
+        self._balance = config.local_steps == 0 and counts.min() != counts.max()
         # one replica of the client data per device of the mesh, placed once
         self.store = jax.device_put(store, replicated(self.mesh))
-        self._map = for_each_client(self._client_fn, self.strategy, self.mesh)
+        self._map = for_each_client(self._client_fn, self.strategy, self.mesh, negative_ids=False)
         self._jitted: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ one client
@@ -244,7 +246,7 @@ class ClientTrainer:
         return self._jitted["run"](*args, store)
 
     def _run(self, shared, clients, client_ids, round_key, store):
-        cost = self.live_steps(jnp.maximum(client_ids, 0), store)
+        cost = self.live_steps(jnp.maximum(client_ids, 0), store) if self._balance else None
         return self._map((store, shared), clients, client_ids, round_key, cost=cost)
 
     def train(self, params, batch_stats, client_ids, round_key, store: ClientStore | None = None,

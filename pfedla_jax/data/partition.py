@@ -5,8 +5,9 @@ per class; non-IID 2 gives every client all classes with a few dominant ones; ev
 client's data is then split 70% train / 30% test with the same class distribution.
 All clients hold the same number of samples ("the same amount of training data for
 both 10 and 100 clients cases"). `adjacent` is the class layout of the paper's Fig. 6
-(sliding windows of classes, adjacent client IDs share k - 1 classes). Dirichlet and IID
-splits are extra schemes.
+(sliding windows of classes, adjacent client IDs share k - 1 classes) and `fig5` that of
+its Fig. 5 (a target client, one with the same classes, one sharing k - 1, the others
+fewer). Dirichlet and IID splits are extra schemes.
 
 Everything is deterministic given `seed` (one `np.random.default_rng(seed)` stream,
 consumed in a fixed order), no example is given to two clients, and an infeasible
@@ -23,7 +24,9 @@ import numpy as np
 
 from pfedla_jax.errors import UserInputError
 
-SCHEMES = ("noniid1", "noniid2", "adjacent", "dirichlet", "iid")
+SCHEMES = ("noniid1", "noniid2", "adjacent", "fig5", "dirichlet", "iid")
+# Schemes whose clients hold k classes with S/k samples each (the noniid1 machinery).
+_K_CLASS_SCHEMES = ("noniid1", "adjacent", "fig5")
 
 # Dirichlet draws until every client has `min_client_size` samples; bounded so that an
 # impossible request (tiny alpha, many clients) fails instead of looping forever.
@@ -95,6 +98,12 @@ def make_partition(
       classes (Fig. 6: 8 clients, 4 classes each, adjacent IDs share 3). Class c is then
       used by the clients i with (c - i) mod C < k, which need not be balanced (with N < C
       the classes near the wrap are used less); the seed only picks the examples.
+    * ``fig5`` (paper Fig. 5): like noniid1 (k classes, S/k samples each, the same size
+      rules), with fixed roles: client 0 is the target, holding k random classes T;
+      client 1 holds exactly T ("same labels"); client 2 holds k - 1 classes of T plus
+      one other ("similar"); every other client holds k random classes sharing at most
+      k - 2 with T (drawn until they do). Needs N >= 3, k >= 2 and C >= k + 2. The
+      paper's setting: 8 clients x 4 classes.
     * ``noniid2``: every client holds all C classes; d = dominant_classes of them
       (random, balanced like noniid1's sets) are dominant. With R =
       round_half_up(dominant_share * S), each of the C - d other classes gets exactly
@@ -120,8 +129,8 @@ def make_partition(
         num_classes: C; labels must lie in [0, C).
         num_clients: N >= 1.
         scheme: One of SCHEMES.
-        classes_per_client: noniid1's / adjacent's k (the paper: 4; 12 for CIFAR-100).
-            Required for noniid1 and adjacent.
+        classes_per_client: noniid1's / adjacent's / fig5's k (the paper: 4; 12 for
+            CIFAR-100). Required for these schemes.
         dominant_classes: noniid2's d, 1 <= d < C.
         dominant_share: noniid2's share of a client's samples in its d dominant classes,
             d/C <= share < 1.
@@ -143,7 +152,7 @@ def make_partition(
     n = int(num_clients)
     rng = np.random.default_rng(seed)
 
-    if scheme in ("noniid1", "adjacent"):
+    if scheme in _K_CLASS_SCHEMES:
         k = _check_k(classes_per_client, num_classes, scheme)
         # Class sets first: they do not depend on S, so `max_samples_per_client` with
         # the same seed sees the same sets.
@@ -244,7 +253,7 @@ def max_samples_per_client(
     labels, avail = _check_common(labels, num_classes, num_clients, scheme, train_fraction)
     n = int(num_clients)
     rng = np.random.default_rng(seed)
-    if scheme in ("noniid1", "adjacent"):
+    if scheme in _K_CLASS_SCHEMES:
         k = _check_k(classes_per_client, num_classes, scheme)
         sets = _class_sets(scheme, rng, n, k, avail)
         uses = np.bincount(sets.reshape(-1), minlength=num_classes)
@@ -335,14 +344,43 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5 + 1e-9))
 
 
-# ----------------------------------------------------------------------------- noniid1 / adjacent
+# ----------------------------------------------------------------------------- noniid1 / adjacent / fig5
 
 
 def _class_sets(scheme: str, rng, num_clients: int, k: int, avail: np.ndarray) -> np.ndarray:
-    """int64 [N, k] sorted class sets: random balanced (noniid1) or sliding windows."""
+    """int64 [N, k] sorted class sets: random balanced (noniid1), sliding windows
+    (adjacent) or the Fig. 5 roles (fig5)."""
     if scheme == "adjacent":
         return _adjacent_class_sets(num_clients, k, avail.shape[0])
+    if scheme == "fig5":
+        return _fig5_class_sets(rng, num_clients, k, avail.shape[0])
     return _balanced_class_sets(rng, num_clients, k, avail)
+
+
+def _fig5_class_sets(rng, num_clients: int, k: int, num_classes: int) -> np.ndarray:
+    """Paper Fig. 5: target T (client 0), same labels (1), k - 1 shared (2), others (<= k - 2).
+
+    Returns:
+        int64 [N, k], each row sorted and distinct.
+
+    Raises:
+        UserInputError: fewer than 3 clients, k < 2, or fewer than k + 2 classes.
+    """
+    if num_clients < 3 or k < 2 or num_classes < k + 2:
+        raise UserInputError(
+            f"fig5: needs >= 3 clients (target, same labels, similar), classes_per_client >= 2 "
+            f"and >= classes_per_client + 2 classes; got {num_clients} clients, k={k}, "
+            f"{num_classes} classes")
+    target = np.sort(rng.choice(num_classes, k, replace=False))
+    outside = np.setdiff1d(np.arange(num_classes), target)
+    similar = np.sort(np.concatenate([rng.choice(target, k - 1, replace=False),
+                                      rng.choice(outside, 1)]))
+    sets = [target, target.copy(), similar]
+    while len(sets) < num_clients:
+        draw = np.sort(rng.choice(num_classes, k, replace=False))
+        if np.intersect1d(draw, target).size <= k - 2:
+            sets.append(draw)
+    return np.stack(sets).astype(np.int64)
 
 
 def _adjacent_class_sets(num_clients: int, k: int, num_classes: int) -> np.ndarray:

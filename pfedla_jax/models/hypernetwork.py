@@ -25,6 +25,7 @@ from pfedla_jax.errors import UserInputError
 from pfedla_jax.models.cnn import torch_default_uniform
 
 NORMALIZATIONS = ("relu", "softmax")
+HEAD_INITS = ("uniform", "torch", "zeros")
 
 
 def _flag(name: str, text: str) -> dict:
@@ -41,14 +42,16 @@ class HNConfig:
     normalization: str = dataclasses.field(default="relu", metadata=_flag(
         "hn_normalization", "relu (ReLU then divide by sum) | softmax."))
     head_init: str = dataclasses.field(default="uniform", metadata=_flag(
-        "hn_head_init", "uniform (U(0,1) heads, public code) | torch (PyTorch's default)."))
+        "hn_head_init", "uniform (U(0,1) heads, public code) | torch (PyTorch's default) | "
+        "zeros (every alpha starts uniform)."))
 
     def validate(self) -> None:
         if self.normalization not in NORMALIZATIONS:
             raise UserInputError(f"unknown --hn_normalization {self.normalization!r}; "
                                  f"expected one of {', '.join(NORMALIZATIONS)}")
-        if self.head_init not in ("uniform", "torch"):
-            raise UserInputError(f"unknown --hn_head_init {self.head_init!r}; expected uniform or torch")
+        if self.head_init not in HEAD_INITS:
+            raise UserInputError(f"unknown --hn_head_init {self.head_init!r}; expected one of "
+                                 f"{', '.join(HEAD_INITS)}")
         for name in ("embed_dim", "hidden_dim"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"--hn_{name} must be >= 1, got {getattr(self, name)}")
@@ -96,6 +99,8 @@ class LayerWeightHypernetwork(nn.Module):
         if cfg.head_init == "uniform":
             kernel_init = nn.initializers.uniform(1.0)  # U(0, 1)
             bias_init = nn.initializers.zeros
+        elif cfg.head_init == "zeros":  # alpha starts exactly uniform (softmax or ReLU-of-0 fallback aside)
+            kernel_init = bias_init = nn.initializers.zeros
         else:
             kernel_init = torch_default_uniform(fan_in)
             bias_init = torch_default_uniform(fan_in)

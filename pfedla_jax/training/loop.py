@@ -81,9 +81,14 @@ class Experiment:
     partition: Any
     keys: ExperimentKeys
     schedule: np.ndarray  # [rounds, S]
+    _round_keys: np.ndarray | None = None
 
-    def round_key(self, t: int) -> jax.Array:
-        return jax.random.fold_in(self.keys.train, t)
+    def round_key(self, t: int) -> np.ndarray:
+        """fold_in(keys.train, t), from a table computed once (no dispatch per round)."""
+        if self._round_keys is None:
+            rounds = jnp.arange(self.config.rounds)
+            self._round_keys = np.asarray(jax.vmap(lambda r: jax.random.fold_in(self.keys.train, r))(rounds))
+        return self._round_keys[t]
 
     def evaluation_due(self, round_done: int) -> bool:
         return round_done % self.config.eval_every == 0 or round_done == self.config.rounds
