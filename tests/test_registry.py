@@ -17,7 +17,6 @@ from pfedla_jax.core.aggregation import weighted_average
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig, make_optimizer
 from pfedla_jax.core.client_update import sgd_update
-from pfedla_jax.core.stacking import put_clients, take_clients
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import layer_names, make_cnn
 from pfedla_jax.training.config import ExperimentConfig, RunOptions, apply_overrides
@@ -57,14 +56,14 @@ class FrozenHeadFedAvg(Algorithm):
 
     def round_step(self, state, round_idx, client_ids, key, data):
         params, stats, metrics = self.trainer.train(
-            state["global_params"], take_clients(state["batch_stats"], client_ids), client_ids,
+            state["global_params"], self.take(state["batch_stats"], client_ids), client_ids,
             key, data, shared_params=True)
         avg = weighted_average(params, jnp.take(data.train_count, client_ids))
         lr = self.config.server_lr
         new_global = jax.tree.map(lambda g, a: g + lr * (a - g), state["global_params"], avg)
         model = jnp.full(client_ids.shape, self.ctx.model_bytes, jnp.int32)
         return ({"global_params": new_global,
-                 "batch_stats": put_clients(state["batch_stats"], client_ids, stats)},
+                 "batch_stats": self.put(state["batch_stats"], client_ids, stats)},
                 {**metrics, "bytes_up": model, "bytes_down": model})
 
     def evaluate(self, state, round_idx, key):

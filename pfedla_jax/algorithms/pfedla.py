@@ -336,18 +336,21 @@ class PFedLA(Algorithm):
 
 
 def alpha_statistics(alpha: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
-    """Mean self-weight per layer (the paper's Fig. 7 reading), averaged over clients.
+    """Mean self-weight per layer (the paper's Fig. 7 reading), averaged over clients, and
+    the share of (client, layer) rows that are exactly one-hot.
 
     Args:
       alpha: [N, L, N].
       names: the L layer names.
     Returns:
-      {'alpha_self/<layer>': mean over clients of alpha[i, l, i], 'alpha_self_mean': ...}.
+      {'alpha_self/<layer>': mean over clients of alpha[i, l, i], 'alpha_self_mean': ...,
+       'alpha_one_hot_rows': fraction of rows alpha[i, l] with a weight of exactly 1}.
     """
     n = alpha.shape[0]
     self_w = alpha[np.arange(n), :, np.arange(n)]  # [N, L]
     out = {f"alpha_self/{name}": float(self_w[:, l].mean()) for l, name in enumerate(names)}
     out["alpha_self_mean"] = float(self_w.mean())
+    out["alpha_one_hot_rows"] = float(np.mean(alpha.max(-1) == 1.0))
     return out
 
 
