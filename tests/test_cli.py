@@ -60,7 +60,7 @@ BAD = [
     (["--algorithm=pfedla", "--round_semantics=async"], "round_semantics"),
     (["--weight_decay=nan"], "weight_decay"),
     (["--samples_per_client=4", "--classes_per_client=4"], "no test examples"),
-    (["--algorithm=pfedla", "--hn_lr=1e30", "--rounds=3"], "diverged"),
+    (["--algorithm=pfedla", "--hn_cotangent=raw", "--hn_normalization=relu", "--hn_lr=1e30", "--rounds=3"], "diverged"),
     (["--workdir=/proc/no/such/dir"], "workdir"),
     (["--checkpoint_every=-1"], "checkpoint_every"),
     (["--log_every=-2"], "log_every"),
@@ -80,3 +80,68 @@ def test_bad_input_one_line_error(args, pattern, tmp_path):
     assert err[0].startswith("error: ")
     assert re.search(pattern, err[0], re.IGNORECASE), err[0]
     assert "Traceback" not in p.stderr
+
+
+def test_progress_line_shows_the_last_evaluation_with_its_round():
+    """No `nan` before the first evaluation: '-', then the last evaluated accuracy, with
+    its round when that is not the current one."""
+    from types import SimpleNamespace
+
+    from pfedla_jax.training.loop import Progress
+
+    lines = []
+    progress = Progress(lines.append, every=1, rounds=5)
+    run = SimpleNamespace(records=[], round_times=[2.0])
+    progress(run, 1, False, 2.5, 100.0, 2.0)
+    run.round_times.append(0.5)
+    run.records.append({"round": 2, "test_acc": 0.25})
+    progress(run, 2, True, 2.0, 100.0, 0.5)
+    run.round_times.append(0.5)
+    progress(run, 3, False, 1.5, 100.0, 0.5)
+    assert lines[0].startswith("round    1/5  test_acc -  train_loss 2.5000"), lines[0]
+    assert lines[1].startswith("round    2/5  test_acc 0.2500  train_loss 2.0000"), lines[1]
+    assert lines[2].startswith("round    3/5  test_acc 0.2500 (round 2)  train_loss 1.5000"), lines[2]
+
+
+def _make_dry_run(target, venv):
+    """The commands `make TARGET` would run for a venv that does not exist yet."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    p = subprocess.run(["make", "-n", "--no-print-directory", "-C", ROOT, target, f"VENV={venv}"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.splitlines()
+
+
+def test_make_run_does_not_install_torch_but_test_and_bench_do(tmp_path):
+    venv = tmp_path / "venv"
+    # the arguments of every `pip install` the target runs
+    installs = lambda lines: [line.split("/bin/pip install", 1)[1] for line in lines
+                              if "/bin/pip install" in line]
+    run = _make_dry_run("run", venv)
+    assert " -q -e ." in installs(run), run
+    assert not [args for args in installs(run) if "torch" in args or "test" in args], run
+    assert run[-1].endswith("-m experiments.run --flagfile=experiments/presets/fmnist_quick.flags "
+                            "--workdir=runs/pfedla_fmnist"), run
+    for target in ("test", "bench"):
+        lines = _make_dry_run(target, venv)
+        assert ' -q -e ".[test,torch]"' in installs(lines), lines
+    # CI (.ci/run) calls `make test`: still the README's test command
+    assert _make_dry_run("test", venv)[-1] == f"PFEDLA_REQUIRE_TORCH=1 {venv}/bin/python -m pytest -q"
+
+
+def test_main_job_runs_without_torch(tmp_path):
+    """What `make run` installs suffices: a run (TensorBoard on) with torch unimportable."""
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv[0] = 'experiments.run'; "
+            "runpy.run_module('experiments.run', run_name='__main__', alter_sys=True)")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-c", code, "--algorithm=pfedla", "--dataset=synthetic",
+                        "--synthetic_per_class=40", "--num_clients=3", "--classes_per_client=2",
+                        "--rounds=2", "--local_steps=2", "--batch_size=16", "--quiet",
+                        f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "final test_acc" in p.stdout
+    assert os.listdir(tmp_path / "tb")

@@ -106,18 +106,52 @@ def test_contractions_on_a_mesh_equal_one_device(num_s):
         (jax.jit(lambda a, w: aggregate(a, w, lm, mesh))(alpha, stacked), aggregate(alpha, stacked, lm)),
         (jax.jit(lambda w, d: alpha_cotangent(w, d, lm, mesh))(stacked, delta), alpha_cotangent(stacked, delta, lm)),
         # 5 real clients of 6 rows: the padding row is excluded from the mean and spread
-        (jax.jit(lambda w, d: normalized_cotangent(w, d, lm, 5, mesh))(stacked, delta),
-         normalized_cotangent(jax.tree.map(lambda a: a[:5], stacked), delta, lm, 5)),
+        *[(jax.jit(lambda w, d, s=scope: normalized_cotangent(w, d, lm, 5, mesh, s))(stacked, delta),
+           normalized_cotangent(jax.tree.map(lambda a: a[:5], stacked), delta, lm, 5, scope=scope))
+          for scope in ("model", "layer")],
     ]:
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
 
 
-def test_normalized_cotangent_is_scale_free():
-    """Scaling the clients' updates (a larger lr or budget) or the spread of the stored
-    models around their mean leaves it unchanged; equal models give zero."""
+@pytest.mark.parametrize("scope", ["model", "layer"])
+def test_normalized_cotangent_equals_naive_loops(scope):
+    """float64 loops over (s, l, j) of the documented formula."""
     from pfedla_jax.algorithms.pfedla import normalized_cotangent
 
+    rng = np.random.default_rng(5)
+    n, num_s = 5, 3
+    stacked, delta = _params(rng, n), _params(rng, num_s)
+    lm = make_layer_map(jax.tree.map(lambda a: a[0], stacked), LAYERS, "layer")
+    units = jax.tree.leaves(lm.layer_of_leaf)
+    w = [np.asarray(x, np.float64).reshape(n, -1) for x in jax.tree.leaves(stacked)]
+    d = [np.asarray(x, np.float64).reshape(num_s, -1) for x in jax.tree.leaves(delta)]
+    layers = range(lm.num_layers)
+    flat = lambda rows, l: np.concatenate([r for r, u in zip(rows, units) if u == l], axis=-1)
+    centred = {l: flat(w, l) - flat(w, l).mean(0) for l in layers}
+    dl = {l: flat(d, l) for l in layers}
+    spread_sq = {l: np.mean(np.sum(centred[l] ** 2, axis=1)) for l in layers}
+    want = np.zeros((num_s, lm.num_layers, n))
+    for s in range(num_s):
+        for l in layers:
+            if scope == "layer":
+                scale = np.linalg.norm(dl[l][s]) * np.sqrt(spread_sq[l])
+            else:
+                scale = (np.sqrt(sum(np.sum(dl[k][s] ** 2) for k in layers))
+                         * np.sqrt(sum(spread_sq.values())))
+            for j in range(n):
+                want[s, l, j] = centred[l][j] @ dl[l][s] / scale
+    got = normalized_cotangent(stacked, delta, lm, n, scope=scope)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scope", ["model", "layer"])
+def test_normalized_cotangent_is_scale_free(scope):
+    """Scaling the clients' updates (a larger lr or budget) or the spread of the stored
+    models around their mean leaves it unchanged; equal models give zero."""
+    from pfedla_jax.algorithms.pfedla import normalized_cotangent as full
+
+    normalized_cotangent = lambda *a: full(*a, scope=scope)
     rng = np.random.default_rng(4)
     stacked, delta = _params(rng, 5), _params(rng, 3)
     lm = make_layer_map(jax.tree.map(lambda a: a[0], stacked), LAYERS, "layer")

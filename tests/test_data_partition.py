@@ -1,6 +1,7 @@
 """Tests for pfedla_jax.data.partition."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -25,8 +26,17 @@ def _expected_train(n, frac=0.7):
     return min(max(t, 1), n - 1) if n >= 2 else t
 
 
-def check_partition(p, labels, num_clients, num_classes=10, frac=0.7):
-    """Checks every invariant all schemes share; returns per-client class counts [N, C]."""
+def _expected_client_train(n, frac=0.7):
+    """A client whose classes are all single examples is split as a whole (documented)."""
+    return min(max(math.floor(frac * n + 0.5 + 1e-9), 1), n - 1)
+
+
+def check_partition(p, labels, num_clients, num_classes=10, frac=0.7, both_per_class=False):
+    """Checks every invariant all schemes share; returns per-client class counts [N, C].
+
+    Every client has >= 1 train and >= 1 test example; with `both_per_class`, every
+    class it holds is in both splits (the k-class schemes).
+    """
     assert p.num_clients == num_clients
     assert len(p.test_indices) == len(p.client_classes) == num_clients
     all_idx = np.concatenate(p.train_indices + p.test_indices)
@@ -41,8 +51,14 @@ def check_partition(p, labels, num_clients, num_classes=10, frac=0.7):
         h = h_tr + h_te
         hist[i] = h
         assert np.array_equal(p.client_classes[i], np.flatnonzero(h))
-        # Stratified split: per class, the documented train count.
-        assert np.array_equal(h_tr, [_expected_train(n, frac) for n in h])
+        assert tr.size >= 1 and te.size >= 1, f"client {i}: {tr.size} train, {te.size} test"
+        if both_per_class:
+            assert np.array_equal(h_tr > 0, h > 0) and np.array_equal(h_te > 0, h > 0)
+        if h.max() >= 2:
+            # Stratified split: per class, the documented train count.
+            assert np.array_equal(h_tr, [_expected_train(n, frac) for n in h])
+        else:
+            assert tr.size == _expected_client_train(h.sum(), frac)
         # Shuffled, not grouped by class (a sorted run would have few label changes).
         if tr.size > 50 and np.count_nonzero(h) > 1:
             assert np.count_nonzero(np.diff(labels[tr])) > 0.3 * tr.size
@@ -66,9 +82,13 @@ def test_noniid1_default_is_max_and_classes_equal():
     assert {len(t) for t in p.test_indices} == {4 * 52}
     with pytest.raises(UserInputError, match="largest feasible samples_per_client is 700"):
         make_partition(LAB, 10, 10, "noniid1", classes_per_client=4, samples_per_client=704)
+    # Only advice that is then accepted: 704 exceeds the largest feasible size.
     with pytest.raises(UserInputError,
-                       match="not a multiple of classes_per_client=4; use 700 or 704"):
+                       match="not a multiple of classes_per_client=4; use 700$"):
         make_partition(LAB, 10, 10, "noniid1", classes_per_client=4, samples_per_client=701)
+    with pytest.raises(UserInputError,
+                       match="not a multiple of classes_per_client=4; use 696 or 700$"):
+        make_partition(LAB, 10, 10, "noniid1", classes_per_client=4, samples_per_client=698)
 
 
 def test_noniid1_smaller_size_and_small_counts():
@@ -305,7 +325,7 @@ def test_adjacent_explicit_size_ring_and_determinism():
          ("adjacent: 8 clients x 4 classes need 704 samples of class .* only 700 exist; "
           "the largest feasible samples_per_client is 700")),
         ({"classes_per_client": 4, "samples_per_client": 701},
-         "adjacent: samples_per_client=701 is not a multiple of classes_per_client=4; use 700 or 704"),
+         "adjacent: samples_per_client=701 is not a multiple of classes_per_client=4; use 700$"),
         ({}, "adjacent needs classes_per_client"),
         ({"classes_per_client": 11}, r"adjacent: classes_per_client must be an integer in \[1, 10\]"),
     ],
@@ -353,3 +373,196 @@ def test_fig5_largest_size_and_bad_requests():
             make_partition(LAB, 10, 8, "fig5", **kw)
     with pytest.raises(UserInputError, match="fig5: needs >= 3 clients"):
         make_partition(LAB, 10, 2, "fig5", classes_per_client=4)
+
+
+# ----------------------------------------------------------------------------- sizes vs the 70/30 split
+# Issue 13, fault 2: automatic sizes, smallest sizes and the advice in messages must
+# account for the per-client split (every client >= 1 train and >= 1 test example; in
+# the k-class schemes every class of a client in both splits).
+
+LAB600 = _labels(600)  # The pool of --dataset=synthetic (600 per class).
+
+
+def _advised(msg):
+    """{parameter: value} of every 'parameter <= value' the message advises."""
+    return {k: int(v) for k, v in re.findall(r"(\w+) <= (\d+)", msg)}
+
+
+@pytest.mark.parametrize("scheme", ["noniid1", "adjacent"])
+def test_k_class_no_size_without_test_examples(scheme):
+    # Issue 13's first command: 1000 clients x 4 classes on 10 x 600 examples. Each class
+    # is used by 400 clients: 1 example each, none left for test. Formerly S = 4 ("the
+    # largest the data allows") with 0 test examples per client.
+    msg = (rf"{scheme}: 1000 clients x 4 classes use class \d for 400 clients but only 600 "
+           r"examples exist, fewer than 2 per client \(one train and one test example\); no "
+           r"samples_per_client is feasible; use num_clients <= 750 or classes_per_client <= 3$")
+    with pytest.raises(UserInputError, match=msg) as e:
+        make_partition(LAB600, 10, 1000, scheme, classes_per_client=4)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserInputError, match=msg):
+        max_samples_per_client(LAB600, 10, 1000, scheme, classes_per_client=4)
+    for s in (4, 8):  # One per class, and the next size: both refused, same advice.
+        with pytest.raises(UserInputError, match=msg):
+            make_partition(LAB600, 10, 1000, scheme, classes_per_client=4, samples_per_client=s)
+    # Every advised value is accepted, at the boundary: the automatic size is exactly 2
+    # per class (one train, one test each); one more client or class is refused.
+    advice = _advised(str(e.value))
+    assert advice == {"num_clients": 750, "classes_per_client": 3}
+    for name, value in advice.items():
+        kw = {"num_clients": 1000, "classes_per_client": 4, name: value}
+        p = make_partition(LAB600, 10, kw["num_clients"], scheme,
+                           classes_per_client=kw["classes_per_client"], seed=2)
+        k = kw["classes_per_client"]
+        assert p.samples_per_client == 2 * k == max_samples_per_client(
+            LAB600, 10, kw["num_clients"], scheme, classes_per_client=k)
+        hist = check_partition(p, LAB600, kw["num_clients"], both_per_class=True)
+        assert set(hist[hist > 0].tolist()) == {2}
+        assert {len(t) for t in p.train_indices} == {len(t) for t in p.test_indices} == {k}
+        kw[name] = value + 1
+        with pytest.raises(UserInputError, match="no samples_per_client is feasible"):
+            make_partition(LAB600, 10, kw["num_clients"], scheme,
+                           classes_per_client=kw["classes_per_client"])
+
+
+def test_fig5_no_size_names_levers_that_help():
+    with pytest.raises(UserInputError,
+                       match=r"fig5: 1000 clients x 4 classes .*fewer than 2 per client .*no "
+                             r"samples_per_client is feasible; lower num_clients \(>= 3\) or "
+                             r"classes_per_client \(>= 2\)$"):
+        make_partition(LAB600, 10, 1000, "fig5", classes_per_client=4)
+    for n, k in ((3, 4), (1000, 2)):  # Each lever, at its smallest allowed value, helps.
+        p = make_partition(LAB600, 10, n, "fig5", classes_per_client=k)
+        check_partition(p, LAB600, n, both_per_class=True)
+    # At its smallest values there is nothing left to lower.
+    with pytest.raises(UserInputError,
+                       match="no samples_per_client is feasible; use a larger dataset$"):
+        make_partition(_labels(3), 10, 3, "fig5", classes_per_client=2, seed=0)
+
+
+def test_k_class_explicit_sizes_advise_only_accepted_values():
+    # One sample per class would leave no test example: refused, naming 2k, accepted.
+    with pytest.raises(UserInputError,
+                       match=r"samples_per_client=4 gives each of the 4 classes 1 sample per "
+                             r"client, leaving no test examples \(each class needs one train and "
+                             r"one test example\); the smallest valid samples_per_client is 8$"):
+        make_partition(LAB, 10, 10, "noniid1", classes_per_client=4, samples_per_client=4)
+    for s in (5, 6, 7):  # Not multiples of 4: the nearest valid is 8, never 4.
+        with pytest.raises(UserInputError,
+                           match=f"samples_per_client={s} is not a multiple .*; use 8$"):
+            make_partition(LAB, 10, 10, "noniid1", classes_per_client=4, samples_per_client=s)
+    p = make_partition(LAB, 10, 10, "noniid1", classes_per_client=4, samples_per_client=8)
+    check_partition(p, LAB, 10, both_per_class=True)
+
+
+def test_noniid1_default_sizes_unchanged_where_already_valid():
+    # The split-aware bound only refuses what left clients without test examples.
+    assert max_samples_per_client(LAB600, 10, 100, "noniid1", classes_per_client=4) == 4 * 15
+    assert max_samples_per_client(_labels(7000), 10, 100, "noniid1", classes_per_client=4) == 700
+
+
+def test_noniid2_no_size_names_levers_that_help():
+    # Many clients: only fewer clients help (even uniform classes need 20 x 1000 > 6000).
+    with pytest.raises(UserInputError,
+                       match="noniid2: 1000 clients .*no samples_per_client with every class "
+                             "present is feasible; lower num_clients$"):
+        make_partition(LAB600, 10, 1000, "noniid2")
+    check_partition(make_partition(LAB600, 10, 150, "noniid2"), LAB600, 150)
+    with pytest.raises(UserInputError, match="no samples_per_client"):
+        make_partition(LAB600, 10, 1000, "noniid2", dominant_share=0.2)
+    # Small classes: one dominant class cannot hold 80% of any valid size, however few
+    # the clients; only a lower dominant_share helps.
+    labels = _labels(23, 26)
+    with pytest.raises(UserInputError, match="; lower dominant_share$"):
+        make_partition(labels, 26, 10, "noniid2")
+    with pytest.raises(UserInputError, match="no samples_per_client"):
+        make_partition(labels, 26, 1, "noniid2")
+    p = make_partition(labels, 26, 10, "noniid2", dominant_share=2 / 26)
+    check_partition(p, labels, 10, num_classes=26)
+
+
+def test_noniid2_too_small_advises_an_accepted_size():
+    with pytest.raises(UserInputError, match=r"smallest valid samples_per_client is (\d+)$") as e:
+        make_partition(LAB, 10, 10, "noniid2", samples_per_client=20)
+    smallest = int(re.search(r"(\d+)$", str(e.value)).group(1))
+    hist = check_partition(make_partition(LAB, 10, 10, "noniid2", samples_per_client=smallest),
+                           LAB, 10)
+    assert (hist > 0).all()
+    # Dominant classes get >= 2 (one train, one test), so every client has test data.
+    assert (np.sort(hist, axis=1)[:, -2:] >= 2).all()
+    with pytest.raises(UserInputError, match="too small"):
+        make_partition(LAB, 10, 10, "noniid2", samples_per_client=smallest - 1)
+
+
+@pytest.mark.parametrize("min_client_size", [0, 1])
+def test_dirichlet_small_minimum_still_gives_every_client_test_data(min_client_size):
+    # Issue 13's second command: 500 clients on 6000 examples with min_client_size=1 left
+    # 19 clients without a test example. Minimums below 2 act as 2, and a client whose
+    # classes are all single examples is split as a whole.
+    p = make_partition(LAB600, 10, 500, "dirichlet", min_client_size=min_client_size, seed=0)
+    hist = check_partition(p, LAB600, 500)
+    assert hist.sum() == LAB600.size  # Still the whole pool.
+    assert hist.sum(1).min() >= 2
+    singletons = np.flatnonzero(hist.max(1) == 1)
+    assert singletons.size > 0  # The case the whole-client split exists for does occur.
+
+
+def test_dirichlet_infeasible_minimums_name_the_levers():
+    with pytest.raises(UserInputError,
+                       match=r"dirichlet: 3001 clients x 2 samples \(one train and one test "
+                             r"example\) need 6002 examples but the pool has 6000; no "
+                             r"samples_per_client is feasible; lower num_clients$"):
+        make_partition(LAB600, 10, 3001, "dirichlet", min_client_size=1)
+    msg = (r"dirichlet: 700 clients x 10 samples \(min_client_size=10\) need 7000 examples "
+           r"but the pool has 6000; no samples_per_client is feasible; lower num_clients or "
+           r"min_client_size$")
+    with pytest.raises(UserInputError, match=msg):
+        make_partition(LAB600, 10, 700, "dirichlet", min_client_size=10)
+    with pytest.raises(UserInputError, match=msg):
+        max_samples_per_client(LAB600, 10, 700, "dirichlet", min_client_size=10)
+    assert max_samples_per_client(LAB600, 10, 700, "dirichlet", min_client_size=8) == 8
+    # A mean size below what each client needs: raise it (never a value then refused).
+    with pytest.raises(UserInputError,
+                       match=r"samples_per_client=1 \(the mean client size\) is below the 2 "
+                             r"samples every client needs .*raise samples_per_client \(at most "
+                             r"700\) or leave samples_per_client unset for the whole pool$"):
+        make_partition(LAB, 10, 10, "dirichlet", samples_per_client=1, min_client_size=0)
+    with pytest.raises(UserInputError,
+                       match=r"below the 10 samples every client needs \(min_client_size=10\); "
+                             r"raise samples_per_client \(at most 700\), lower min_client_size "
+                             r"or leave samples_per_client unset for the whole pool$"):
+        make_partition(LAB, 10, 10, "dirichlet", samples_per_client=5)
+    check_partition(make_partition(LAB, 10, 10, "dirichlet", samples_per_client=700), LAB, 10)
+    with pytest.raises(UserInputError, match="after 1000 draws .*lower num_clients$") as e:
+        make_partition(LAB600, 10, 200, "dirichlet", dirichlet_alpha=0.01, min_client_size=0)
+    assert "min_client_size" not in str(e.value).split(";")[-1]  # Lowering it cannot help.
+
+
+def test_iid_small_clients_all_get_test_data():
+    # 6 examples of 10 classes: some clients hold 6 distinct classes (formerly all train).
+    p = make_partition(LAB600, 10, 1000, "iid", seed=0)
+    hist = check_partition(p, LAB600, 1000)
+    assert p.samples_per_client == 6
+    assert (hist.max(1) == 1).sum() > 50
+    # Boundary: 2 per client is exactly feasible (1 train, 1 test each) ...
+    p = make_partition(LAB600, 10, 3000, "iid", seed=0)
+    check_partition(p, LAB600, 3000)
+    assert {len(t) for t in p.train_indices} == {len(t) for t in p.test_indices} == {1}
+    # ... one more client is not, and the advice is exactly that boundary.
+    with pytest.raises(UserInputError,
+                       match=r"iid: 3001 clients x 2 samples .*no samples_per_client is "
+                             r"feasible; use num_clients <= 3000$"):
+        make_partition(LAB600, 10, 3001, "iid")
+    with pytest.raises(UserInputError, match="use num_clients <= 3000$"):
+        max_samples_per_client(LAB600, 10, 3001, "iid")
+    with pytest.raises(UserInputError, match="smallest valid samples_per_client is 2$"):
+        make_partition(LAB, 10, 10, "iid", samples_per_client=1)
+
+
+@pytest.mark.parametrize("frac", [0.1, 0.5, 0.7, 0.95])
+def test_all_singleton_clients_split_as_a_whole(frac):
+    # Two clients of 5 distinct classes each: no per-class split exists.
+    labels = np.arange(10)
+    p = make_partition(labels, 10, 2, "iid", train_fraction=frac, seed=1)
+    check_partition(p, labels, 2, frac=frac)
+    want = min(max(math.floor(frac * 5 + 0.5 + 1e-9), 1), 4)
+    assert [len(t) for t in p.train_indices] == [want, want]

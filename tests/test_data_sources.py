@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from pfedla_jax.data import sources
+from pfedla_jax.data import SCHEMES, make_partition, sources
 from pfedla_jax.data.sources import load_dataset, synthetic_templates
 from pfedla_jax.errors import UserInputError
 
@@ -71,6 +71,7 @@ def test_fmnist_real_matches_independent_decode():
     assert ds.images.shape == (70000, 28, 28, 1) and ds.images.dtype == np.uint8
     assert ds.labels.shape == (70000,) and ds.labels.dtype == np.int32
     assert ds.num_classes == 10 and ds.input_shape == (28, 28, 1) and len(ds) == 70000
+    assert ds.class_map is None
     assert np.array_equal(np.bincount(ds.labels), np.full(10, 7000))
     # Pool order: train then test, each exactly as in the IDX files.
     train_labels = _decode_independently(os.path.join(FMNIST_DIR, FILES[1]), 8)
@@ -179,7 +180,7 @@ def test_synthetic_deterministic_and_learnable():
     c = load_dataset("synthetic", synthetic_per_class=100, seed=4)
     assert not np.array_equal(a.images, c.images)
     assert a.images.shape == (1000, 28, 28, 1) and a.images.dtype == np.uint8
-    assert a.labels.dtype == np.int32 and a.num_classes == 10
+    assert a.labels.dtype == np.int32 and a.num_classes == 10 and a.class_map is None
     assert np.array_equal(np.bincount(a.labels), np.full(10, 100))
     assert len(np.unique(a.images.reshape(1000, -1), axis=0)) == 1000  # Noise: all distinct.
     x = a.images.reshape(1000, -1).astype(np.float64)
@@ -244,12 +245,88 @@ def test_tfds_mocked(no_network, tmp_path, name, shape):
         ref = [train[i] for i in range(5)] + [test[i] for i in range(5)]
     assert ds.images.shape == (10,) + shape and ds.images.dtype == np.uint8
     assert ds.labels.shape == (10,) and ds.labels.dtype == np.int32
-    assert ds.num_classes == 10 and ds.name == f"tfds:{name}"
+    assert ds.name == f"tfds:{name}"
     assert np.array_equal(ds.images, np.stack([r["image"] for r in ref]))
-    assert np.array_equal(ds.labels, [r["label"] for r in ref])
+    # 10 random mock labels rarely cover all 10 classes: the classes are those present.
+    raw = np.array([r["label"] for r in ref])
+    present = np.unique(raw)
+    assert ds.num_classes == present.size
+    assert ds.class_map == (None if present.size == 10 else tuple(present.tolist()))
+    assert np.array_equal(ds.labels, np.searchsorted(present, raw))
     x = ds.images.reshape(-1, shape[-1]).astype(np.float64) / 255
     np.testing.assert_allclose(ds.mean, x.mean(0), atol=1e-9)
     np.testing.assert_allclose(ds.std, x.std(0), atol=1e-9)
+
+
+def _mock_sources(labels_per_split, shape=(28, 28, 1)):
+    """An `as_data_source` replacement serving the given labels (one list per split)."""
+
+    def as_data_source(self, split, **kwargs):
+        del self, kwargs
+        rng = np.random.default_rng(0)
+        out = []
+        for labels in labels_per_split:
+            out.append([{"image": rng.integers(0, 256, shape, dtype=np.uint8),
+                         "label": np.int64(y)} for y in labels])
+        return out if isinstance(split, (list, tuple)) else out[0]
+
+    return as_data_source
+
+
+# Issue 13, fault 3: TFDS emnist/letters declares 37 classes, its labels are 1..26.
+LETTERS = np.tile(np.arange(1, 27), 60)  # 60 examples of each of labels 1..26, per split
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_tfds_labels_not_filling_declared_classes_are_mapped(no_network, tmp_path, scheme):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(as_data_source_fn=_mock_sources([LETTERS, LETTERS[::-1]])):
+        # Precondition: the installed metadata declares the 37 classes of the real dataset.
+        declared = tfds.builder("emnist/letters", data_dir=str(tmp_path)).info
+        assert declared.features["label"].num_classes == 37
+        ds = load_dataset("tfds:emnist/letters", str(tmp_path))
+    raw = np.concatenate([LETTERS, LETTERS[::-1]])
+    assert ds.num_classes == 26  # Not 37: no phantom classes.
+    assert ds.class_map == tuple(range(1, 27))
+    assert np.array_equal(np.asarray(ds.class_map)[ds.labels], raw)  # The map undoes it.
+    assert np.array_equal(np.bincount(ds.labels), np.full(26, 120))
+    # Every scheme partitions it (formerly noniid1, adjacent and fig5 failed on the empty
+    # class 0 and noniid2 on the empty classes 0, 27..36).
+    kw = {"classes_per_client": 4} if scheme in ("noniid1", "adjacent", "fig5") else {}
+    p = make_partition(ds.labels, ds.num_classes, 4, scheme, seed=0, **kw)
+    for i in range(4):
+        tr, te = p.train_indices[i], p.test_indices[i]
+        assert tr.size >= 1 and te.size >= 1
+        held = np.unique(ds.labels[np.concatenate([tr, te])])
+        assert np.array_equal(held, p.client_classes[i])
+        if kw:
+            assert held.size == 4
+            assert np.array_equal(np.unique(ds.labels[te]), held)
+    if scheme == "noniid2":
+        assert all(c.size == 26 for c in p.client_classes)
+
+
+def test_tfds_single_class_is_refused(no_network, tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(as_data_source_fn=_mock_sources([[3] * 4, [3] * 2])):
+        with pytest.raises(UserInputError,
+                           match="tfds:mnist: all 6 examples have label 3; classification "
+                                 "needs at least 2 classes with examples") as e:
+            load_dataset("tfds:mnist", str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_labels_with_gaps_are_mapped_in_order():
+    # Any source path (the loaders all end in _make_dataset): gaps anywhere, order kept.
+    images = np.zeros((6, 2, 2, 1), dtype=np.uint8)
+    ds = sources._make_dataset("x", images, np.array([9, 2, 5, 2, 9, 0]), 12)
+    assert ds.num_classes == 4 and ds.class_map == (0, 2, 5, 9)
+    assert ds.labels.tolist() == [3, 1, 2, 1, 3, 0] and ds.labels.dtype == np.int32
+    full = sources._make_dataset("y", images, np.array([0, 1, 2, 2, 1, 0]), 3)
+    assert full.num_classes == 3 and full.class_map is None
+    assert full.labels.tolist() == [0, 1, 2, 2, 1, 0]
 
 
 def test_tfds_not_prepared_fails_fast(no_network, tmp_path, monkeypatch):
@@ -274,3 +351,19 @@ def test_tfds_imported_lazily():
     code = ("import sys, pfedla_jax.data as d; d.load_dataset('synthetic', synthetic_per_class=1);"
             " assert 'tensorflow_datasets' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_class_map_reaches_the_summary(no_network, tmp_path):
+    import tensorflow_datasets as tfds
+
+    from pfedla_jax.core.local_training import LocalTrainConfig
+    from pfedla_jax.training.config import ExperimentConfig, RunOptions
+    from pfedla_jax.training.loop import run_experiment
+
+    cfg = ExperimentConfig(algorithm="local", dataset="tfds:emnist/letters", num_clients=4,
+                           rounds=1, train=LocalTrainConfig(batch_size=16, local_steps=1))
+    with tfds.testing.mock_data(as_data_source_fn=_mock_sources([LETTERS, LETTERS[::-1]])):
+        summary = run_experiment(cfg, str(tmp_path / "run"),
+                                 options=RunOptions(data_dir=str(tmp_path), tensorboard=False))
+    assert summary["class_map"] == list(range(1, 27))
+    assert len(summary["label_histogram"][0]) == 26

@@ -54,12 +54,12 @@ def test_closed_form_hn_gradient_equals_autodiff(normalization, granularity):
     delta = jax.tree.map(lambda a: 0.1 * a, _params(rng, s))
     lm = make_layer_map(jax.tree.map(lambda a: a[0], stacked), LAYERS, granularity)
     hn = LayerWeightHypernetwork(n, lm.num_layers, HNConfig(normalization=normalization, embed_dim=8,
-                                                            hidden_dim=16))
+                                                            hidden_dim=16, head_init="uniform"))
     ids = jnp.array([2, 0, 3], jnp.int32)
     hn_params = jax.tree.map(lambda a: a[ids], init_hypernetworks(hn, jax.random.PRNGKey(1), n))
     retained = jnp.zeros((s, lm.num_layers), bool)
 
-    closed = hn_delta_psi(hn, lm, hn_params, stacked, ids, retained, delta)
+    closed = hn_delta_psi(hn, lm, hn_params, stacked, ids, retained, delta, cotangent="raw")
 
     def objective(p):
         bar = aggregate(stacked_alpha(hn, p, ids), stacked, lm)

@@ -46,10 +46,13 @@ def _ctx(num_clients=3, trainer=None, store=None, ds=None, cfg=None):
 
 
 def _set_hn_alpha(algo, state, alpha_fn):
-    """Make every HN output a fixed alpha: heads zero, bias = the target (ReLU-normalised)."""
+    """Make every HN output a fixed alpha: heads zero, bias = the target's scores (the target
+    itself under ReLU normalisation, its log under softmax)."""
     n = algo.ctx.num_clients
     hp = jax.tree.map(jnp.zeros_like, state["hn_params"])
     bias = jnp.stack([alpha_fn(i) for i in range(n)])                     # [N, L, N]
+    if algo.hn.config.normalization == "softmax":
+        bias = jnp.log(bias)
     hp["heads_bias"] = bias
     return {**state, "hn_params": hp}
 

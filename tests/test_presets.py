@@ -55,7 +55,8 @@ def _flag_lines(path):
 def test_presets_exist():
     expected = {f"table{t}_{d}_n{n}" for t in (1, 2) for d in SHORT for n in (10, 100)}
     expected |= {"table3_emnist_k1", "table3_emnist_k2", "table3_cifar10_k1", "table3_cifar10_k2",
-                 "table3_cifar10_k3", "fmnist_quick", "fig6_fmnist_quick"}
+                 "table3_cifar10_k3", "fmnist_quick", "fig6_fmnist_quick",
+                 "table1_fmnist_n10_small", "fig5_fmnist_small"}
     expected |= {f"fig6_{d}" for d in SHORT}
     assert expected <= set(NAMES), expected - set(NAMES)
 
@@ -101,10 +102,11 @@ def test_paper_presets_match_the_paper(path):
     kind, ds, variant = re.fullmatch(r"(table[123]|fig6)_([a-z0-9]+)_?(.*)", name).groups()
     assert cfg.dataset == SHORT[ds]
     assert cfg.algorithm == "pfedla"
-    assert cfg.samples_per_client == 0  # per-client size unknown: the largest feasible
+    # per-client size unknown: the largest feasible; the `_small` variants use 200 (issue 12)
+    assert cfg.samples_per_client == (200 if variant.endswith("small") else 0)
     assert cfg.train.batch_size == 32 and cfg.train.local_steps == 0
     assert cfg.train.lr == (0.01 if ds.startswith("cifar") else 0.005)
-    n = 100 if variant == "n100" else 8 if kind == "fig6" else 10
+    n = 100 if variant.startswith("n100") else 8 if kind == "fig6" else 10
     assert cfg.num_clients == n
     if n == 100:
         assert (cfg.participation, cfg.rounds, cfg.train.local_epochs) == (0.1, 2500, 20)
@@ -152,3 +154,10 @@ def test_bad_preset_is_one_line_error(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "num_clientz" in err[0]
+
+
+def test_fig5_preset_is_the_paper_fig5_setting():
+    cfg = _config(os.path.join(os.path.dirname(PRESETS[0]), "fig5_fmnist_small.flags"))
+    assert (cfg.partition, cfg.num_clients, cfg.classes_per_client) == ("fig5", 8, 4)
+    assert (cfg.rounds, cfg.train.local_epochs, cfg.train.lr, cfg.train.batch_size) == (600, 10, 0.005, 32)
+    assert cfg.algorithm == "pfedla" and cfg.samples_per_client == 200

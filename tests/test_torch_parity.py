@@ -49,7 +49,7 @@ from pfedla_jax.algorithms import FedAvg, FLContext, PFedLA, PFedLAConfig
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.data.store import normalize_images
 from pfedla_jax.models import init_variables, layer_names, make_cnn
-from pfedla_jax.models.hypernetwork import stacked_alpha
+from pfedla_jax.models.hypernetwork import HNConfig, stacked_alpha
 from tests.helpers import store_from_indices, synthetic
 
 # Tiny shapes: torch's intra-op threads only contend with XLA's on a small CI machine (on the
@@ -58,6 +58,8 @@ torch.set_num_threads(1)
 
 ATOL = 1e-4
 LR = 0.05
+# the reference implements the public code's rule: ReLU-normalised U(0,1) heads, raw cotangent
+PUBLIC_HN = HNConfig(normalization="relu", head_init="uniform")
 HN_LR = 10.0  # large enough that one round moves alpha by > 1e-2 (0.5 moves it ~2e-3)
 # batch 16, 2 epochs = 6 steps: 16+16+8 twice | (16+5) twice + 2 padding steps | (16+14) twice + 2
 SIZES = (40, 21, 30)
@@ -210,8 +212,8 @@ def test_pfedla_round_parity(semantics, use_bn, granularity, heur_k):
     n = len(SIZES)
     _, _, _, trainer, data = _cohort(use_bn)
     algo = PFedLA(_ctx(use_bn, "common"),
-                  PFedLAConfig(hn_lr=HN_LR, semantics=semantics, granularity=granularity,
-                               heur_k=heur_k))
+                  PFedLAConfig(hn=PUBLIC_HN, hn_cotangent="raw", hn_lr=HN_LR, semantics=semantics,
+                               granularity=granularity, heur_k=heur_k))
     state = _independent_models(algo.init(jax.random.PRNGKey(0)), use_bn)
     ids = jnp.arange(n, dtype=jnp.int32)
     alpha0 = np.asarray(stacked_alpha(algo.hn, state["hn_params"], ids))

@@ -50,7 +50,8 @@ from pfedla_jax.models.hypernetwork import (HNConfig, LayerWeightHypernetwork,
 SEMANTICS = ("synchronous", "sequential")
 HN_SIGNS = ("descent", "flbench")
 HN_OPTIMIZERS = ("sgd", "adam")
-COTANGENTS = ("raw", "normalized")
+COTANGENTS = ("model", "layer", "raw")
+DELTA_REFERENCES = ("first", "current")
 
 
 def _flag(name: str, text: str) -> dict:
@@ -62,9 +63,10 @@ class PFedLAConfig:
     """pFedLA's options (CLI names in parentheses; BUILD_NOTES §3-4 for the defaults)."""
 
     hn: HNConfig = HNConfig()
-    hn_lr: float = dataclasses.field(default=0.5, metadata=_flag(
-        "hn_lr", "hypernetwork learning rate (public code: 5e-3, which leaves alpha near "
-        "uniform; BUILD_NOTES §4)."))
+    hn_lr: float = dataclasses.field(default=0.1, metadata=_flag(
+        "hn_lr", "hypernetwork learning rate (default chosen for --hn_cotangent=model; the "
+        "public code's rule is --hn_cotangent=raw --hn_normalization=relu "
+        "--hn_head_init=uniform --hn_lr=0.005; BUILD_NOTES §4)."))
     hn_optimizer: str = dataclasses.field(default="sgd", metadata=_flag("hn_optimizer", "sgd | adam."))
     hn_momentum: float = dataclasses.field(default=0.0, metadata=_flag(
         "hn_momentum", "hypernetwork SGD momentum."))
@@ -76,10 +78,18 @@ class PFedLAConfig:
         "hn_sign", "descent (derivation) | flbench (public code's sign)."))
     heur_k: int = dataclasses.field(default=0, metadata={
         "flag": "heur_k", "help": "HeurpFedLA: layers kept local per client (0 = pFedLA)."})
-    hn_cotangent: str = dataclasses.field(default="raw", metadata=_flag(
-        "hn_cotangent", "raw (G = <theta_j, delta_i>, Eqs. 10-11) | normalized (per layer, "
-        "<theta_j - mean, delta_i> / (|delta_i| * spread of the stored models): an update "
-        "independent of the client lr and local budget; BUILD_NOTES §4)."))
+    hn_cotangent: str = dataclasses.field(default="model", metadata=_flag(
+        "hn_cotangent", "model (default: <theta_j - mean, delta_i> / (|delta_i| * spread of "
+        "the stored models), norms over the whole model: scale-free, layers keep their relative "
+        "weight) | layer (the same with per-layer norms: every layer moves alike) | raw "
+        "(G = <theta_j, delta_i>, Eqs. 10-11 as in the public code: scales with the client lr "
+        "and budget). BUILD_NOTES §4."))
+
+    hn_delta_reference: str = dataclasses.field(default="first", metadata=_flag(
+        "hn_delta_reference", "the update size |delta_i| that --hn_cotangent=model|layer divides "
+        "by: first (the client's first update: the step starts at one size whatever the client "
+        "lr and budget, and shrinks as the client's updates shrink, as the raw rule's does) | "
+        "current (this round's: a constant-size step)."))
 
     def validate(self) -> None:
         """Raises UserInputError on a bad option (heur_k's upper bound needs the model:
@@ -103,6 +113,9 @@ class PFedLAConfig:
         if self.hn_cotangent not in COTANGENTS:
             raise UserInputError(f"unknown --hn_cotangent {self.hn_cotangent!r}; expected one of "
                                  f"{', '.join(COTANGENTS)}")
+        if self.hn_delta_reference not in DELTA_REFERENCES:
+            raise UserInputError(f"unknown --hn_delta_reference {self.hn_delta_reference!r}; "
+                                 f"expected one of {', '.join(DELTA_REFERENCES)}")
 
 
 def make_hn_optimizer(cfg: PFedLAConfig) -> optax.GradientTransformation:
@@ -165,8 +178,11 @@ class PFedLA(Algorithm):
         k_hn = jax.random.fold_in(key, 1)
         hn_params = init_hypernetworks(self.hn, k_hn, self.ctx.num_clients)
         hn_opt = jax.vmap(self.hn_tx.init)(hn_params)
+        rows = jax.tree.leaves(params)[0].shape[0]
+        # per client and layer, |delta|^2 of its first update (0 = not yet participated)
+        delta_ref = jnp.zeros((rows, self.layer_map.num_layers), jnp.float32)
         return {"client_params": params, "batch_stats": stats,
-                "hn_params": hn_params, "hn_opt_state": hn_opt}
+                "hn_params": hn_params, "hn_opt_state": hn_opt, "delta_ref": delta_ref}
 
     # ------------------------------------------------------------------ server steps
     def _personalize(self, hn_params, client_params, client_ids):
@@ -191,16 +207,26 @@ class PFedLA(Algorithm):
         mix = _pad_sources(effective_alpha(alpha, client_ids, retained), rows)
         return retained, aggregate(mix, client_params, self.layer_map, self._mesh_of(client_params))
 
-    def _hn_update(self, hn_params, hn_opt_state, client_params, client_ids, retained, delta):
+    def _hn_update(self, hn_params, hn_opt_state, client_params, client_ids, retained, delta,
+                   delta_ref=None):
         """Eqs. 10-11 through the closed-form cotangent; returns new (hn_params, opt_state).
 
         Args: the participants' hypernetworks and optimizer states (leaves [S, ...]), the
         stored params that built theta_bar (leaves [N_pad, ...]), client_ids [S], retained
-        [S, L], delta [S, ...].
+        [S, L], delta [S, ...], and the participants' reference |delta|^2 [S, L]
+        (`reference_delta_sq`; None: this round's).
         """
         cot = hn_cotangent(client_params, delta, self.layer_map, self.hn.num_clients, retained,
-                           self.config.hn_cotangent, self._mesh_of(client_params))
+                           self.config.hn_cotangent, self._mesh_of(client_params), delta_ref)
         return self._step_hypernetworks(hn_params, hn_opt_state, client_ids, cot)
+
+    def _delta_reference(self, stored, delta):
+        """(|delta|^2 [S, L] the cotangent divides by, the participants' new reference rows)."""
+        current = delta_sq_norms(delta, self.layer_map)
+        if self.config.hn_delta_reference == "current":
+            return current, stored
+        ref = jnp.where(jnp.any(stored > 0, axis=1, keepdims=True), stored, current)
+        return ref, ref
 
     def _on_every_device(self, fn):
         return on_every_device(fn, self.ctx.mesh)
@@ -278,9 +304,11 @@ class PFedLA(Algorithm):
         trained, stats, metrics = self.ctx.trainer.train(
             theta_bar, self.take(state["batch_stats"], ids), ids, key, data)
         delta = jax.tree.map(jnp.subtract, trained, theta_bar)
+        delta_ref, new_ref = self._delta_reference(self.take(state["delta_ref"], ids), delta)
         # the HN gradient uses the stored params that built theta_bar (before the write below)
         cot = hn_cotangent(state["client_params"], delta, self.layer_map, self.hn.num_clients,
-                           retained, self.config.hn_cotangent, self._mesh_of(state["client_params"]))
+                           retained, self.config.hn_cotangent, self._mesh_of(state["client_params"]),
+                           delta_ref)
         if whole:
             new_hn, new_opt = self._on_every_device(self._step_hypernetworks)(*hn_rows, ids, cot)
             hn_params, hn_opt = self.put((state["hn_params"], state["hn_opt_state"]), ids, (new_hn, new_opt))
@@ -292,6 +320,7 @@ class PFedLA(Algorithm):
             "batch_stats": self.put(state["batch_stats"], ids, stats),
             "hn_params": hn_params,
             "hn_opt_state": hn_opt,
+            "delta_ref": self.put(state["delta_ref"], ids, new_ref),
         }
         up, down = communication(self.layer_map.num_params, retained)
         return new_state, {**metrics, "bytes_up": up, "bytes_down": down}
@@ -355,7 +384,7 @@ def alpha_statistics(alpha: np.ndarray, names: tuple[str, ...]) -> dict[str, flo
 
 
 def hn_delta_psi(hn, layer_map: LayerMap, hn_params, client_params, client_ids, retained, delta,
-                 cotangent: str = "raw"):
+                 cotangent: str = "model"):
     """(Delta v_i, Delta psi_i) = (d theta_bar_i / d psi_i)^T delta_i (paper Eqs. 10-11).
 
     Computed without differentiating through parameter-sized tensors: the cotangent of
@@ -370,7 +399,7 @@ def hn_delta_psi(hn, layer_map: LayerMap, hn_params, client_params, client_ids, 
       client_ids: int32 [S].
       retained: bool [S, L].
       delta: theta_trained - theta_bar, leaves [S, ...].
-      cotangent: 'raw' or 'normalized'.
+      cotangent: 'model', 'layer' or 'raw' (`hn_cotangent`).
     Returns:
       pytree like hn_params.
     """
@@ -381,35 +410,57 @@ def hn_delta_psi(hn, layer_map: LayerMap, hn_params, client_params, client_ids, 
 
 
 def hn_cotangent(client_params, delta, layer_map: LayerMap, num_clients: int, retained,
-                 cotangent: str = "raw", mesh=None) -> jax.Array:
+                 cotangent: str = "raw", mesh=None, delta_sq=None) -> jax.Array:
     """The cotangent of alpha [S, L, N] that Eqs. 10-11 pull back through the hypernetwork.
 
     'raw': G[s, l, j] = <theta_j[l], delta_s[l]> (`alpha_cotangent`, the closed form of
-    d<theta_bar_s, delta_s>/d alpha[s, l, j]); 'normalized': `normalized_cotangent`. Layers
+    d<theta_bar_s, delta_s>/d alpha[s, l, j]); 'model' / 'layer': `normalized_cotangent`
+    with that scope. Layers
     retained by HeurpFedLA did not use alpha: their cotangent is zero. `mesh`: the mesh the
-    stored params are split over (see core/aggregation.py).
+    stored params are split over (see core/aggregation.py). `delta_sq` [S, L]: the squared
+    update norms the normalised cotangents divide by (None: delta's own).
     """
-    if cotangent == "normalized":
-        cot = normalized_cotangent(client_params, delta, layer_map, num_clients, mesh)
+    if cotangent in ("model", "layer"):
+        cot = normalized_cotangent(client_params, delta, layer_map, num_clients, mesh,
+                                   scope=cotangent, delta_sq=delta_sq)
     else:
         cot = alpha_cotangent(client_params, delta, layer_map, mesh)[:, :, :num_clients]
     return jnp.where(retained[:, :, None], 0.0, cot)
 
 
+def delta_sq_norms(delta, layer_map: LayerMap) -> jax.Array:
+    """|delta_s[l]|^2 per participant and aggregation layer: float32 [S, L]."""
+    num_s = jax.tree.leaves(delta)[0].shape[0]
+    out = jnp.zeros((num_s, layer_map.num_layers), jnp.float32)
+    for unit, d in zip(jax.tree.leaves(layer_map.layer_of_leaf), jax.tree.leaves(delta)):
+        out = out.at[:, unit].add(jnp.sum(jnp.square(d.reshape(num_s, -1).astype(jnp.float32)), axis=1))
+    return out
+
+
 def normalized_cotangent(client_params, delta, layer_map: LayerMap, num_clients: int,
-                         mesh=None) -> jax.Array:
+                         mesh=None, scope: str = "model", delta_sq=None) -> jax.Array:
     """The alpha cotangent made independent of the size of the clients' updates and models.
 
+    scope 'layer':
         Gn[s, l, j] = <theta_j[l] - mean_k theta_k[l], delta_s[l]> / (|delta_s[l]| * sigma_l),
         sigma_l^2  = mean_j |theta_j[l] - mean_k theta_k[l]|^2
+    scope 'model': the same numerator over |delta_s| * sigma with the norms taken over the
+    whole model (|delta_s|^2 = sum_l |delta_s[l]|^2, sigma^2 = sum_l sigma_l^2).
 
     i.e. how well client j's deviation from the mean model lines up with client s's local
     update, a correlation in units of the models' spread. Only differences across j reach a
     normalised alpha, so subtracting the mean leaves the direction of the raw update per
     (s, l) unchanged; dividing by |delta| sigma removes its scale, which grows with the
     client learning rate and local budget (the raw G is a product of two parameter
-    differences). Invariant to scaling delta (and to scaling the spread of the models);
-    zero when all stored models are equal. Sizes as `alpha_cotangent` (with `mesh`, each
+    differences). 'layer' gives every layer a cotangent of the same size, so all layers
+    move alike; 'model' keeps the layers' relative sizes (a layer that the clients change
+    little and that differs little across clients, like the first conv, gets a small
+    cotangent and stays shared: the paper's Fig. 7). Both are invariant to scaling delta (and
+    to scaling the spread of the models); zero when all stored models are equal. With
+    `delta_sq` [S, L] (e.g. the squared norms of each client's first update,
+    `--hn_delta_reference=first`), |delta_s[l]|^2 is taken from it instead: then scaling
+    delta and delta_sq together (a larger client lr or budget) leaves the result unchanged,
+    and a client whose updates shrink gets a smaller step. Sizes as `alpha_cotangent` (with `mesh`, each
     device works on its own rows), padding rows (j >= num_clients) excluded; returns
     [S, L, num_clients].
     """
@@ -440,10 +491,13 @@ def normalized_cotangent(client_params, delta, layer_map: LayerMap, num_clients:
                                        check_vma=False)(client_params, delta)
     else:
         cot, spread_sq = local(client_params, delta)
-    num_s = jax.tree.leaves(delta)[0].shape[0]
-    delta_sq = jnp.zeros((num_s, layer_map.num_layers), jnp.float32)
-    for unit, d in zip(units, jax.tree.leaves(delta)):
-        delta_sq = delta_sq.at[:, unit].add(jnp.sum(jnp.square(d.reshape(num_s, -1)), axis=1))
+    if delta_sq is None:
+        delta_sq = delta_sq_norms(delta, layer_map)
+    if scope == "model":
+        delta_sq = jnp.broadcast_to(jnp.sum(delta_sq, axis=1, keepdims=True), delta_sq.shape)
+        spread_sq = jnp.broadcast_to(jnp.sum(spread_sq), spread_sq.shape)
+    elif scope != "layer":
+        raise ValueError(f"scope must be 'model' or 'layer', got {scope!r}")
     scale = jnp.sqrt(delta_sq) * jnp.sqrt(spread_sq)[None, :]                      # [S, L]
     safe = jnp.where(scale > 0, scale, 1.0)
     return jnp.where(scale[:, :, None] > 0, cot[:, :, :num_clients] / safe[:, :, None], 0.0)

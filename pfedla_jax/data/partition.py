@@ -12,6 +12,14 @@ fewer). Dirichlet and IID splits are extra schemes.
 Everything is deterministic given `seed` (one `np.random.default_rng(seed)` stream,
 consumed in a fixed order), no example is given to two clients, and an infeasible
 request raises `UserInputError` instead of being silently shrunk.
+
+Every size accounts for the split: every client gets >= 1 train and >= 1 test example;
+the schemes with k equal classes per client (noniid1, adjacent, fig5) give each class of
+a client >= 2 examples, so that every class a client holds is in both its train and its
+test split, and noniid2 does so for the dominant classes. Automatic sizes,
+smallest/largest feasible sizes and the advice in error messages all follow these
+rules; when no size is feasible the message names the parameters that help
+(num_clients, classes_per_client, dominant_share, min_client_size).
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ _K_CLASS_SCHEMES = ("noniid1", "adjacent", "fig5")
 # Dirichlet draws until every client has `min_client_size` samples; bounded so that an
 # impossible request (tiny alpha, many clients) fails instead of looping forever.
 DIRICHLET_MAX_TRIES = 1000
+
+# Fewest examples of a class a client may hold in noniid1 / adjacent / fig5 (and of a
+# noniid2 dominant class), and fewest examples of any client: one train, one test.
+MIN_SPLIT = 2
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -89,8 +101,10 @@ def make_partition(
       the most examples (ties broken at random), and clients (in order) take the k
       classes with the most uses left (random tie-break), which always completes.
       S must be a multiple of k (no remainder rule: anything else raises, naming the
-      nearest valid values). Feasible iff u_c * S/k <= examples of class c for all c,
-      so the largest feasible S is k * min_c floor(n_c / u_c) (seed-independent).
+      nearest valid values) and S/k >= 2 (one train and one test example per class).
+      Feasible iff u_c * S/k <= examples of class c for all c, so the largest feasible
+      S is k * min_c floor(n_c / u_c) (seed-independent); if that gives S/k < 2 nothing
+      is feasible and the error names the num_clients / classes_per_client that are.
     * ``adjacent`` (paper Fig. 6): like noniid1 (k = classes_per_client classes, S/k
       samples of each, the same multiple-of-k rule, feasibility check and largest
       feasible S), but the class sets are fixed sliding windows instead of random ones:
@@ -111,18 +125,24 @@ def make_partition(
       D >= R (so the dominant share exceeds dominant_share by less than (C - d) / S):
       floor(D / d) each, plus one for the first D mod d of them in the client's fixed
       order (a random class permutation rotated by the client id, which spreads those
-      extras over classes). Every class must get >= 1 sample per client. The largest
-      feasible S is found by scanning down from an analytic upper bound.
+      extras over classes). Every class must get >= 1 sample per client and every
+      dominant class >= 2 (one train, one test); a minor class with a single sample is
+      in train only (the paper's CIFAR-100 setting at 100 clients, 6 dominant classes,
+      needs that: its largest size, 598, gives each of the 94 minor classes 1 sample).
+      The largest feasible S is found by scanning down from an analytic upper bound.
     * ``dirichlet``: per class, proportions over clients ~ Dir(alpha * 1_N); redrawn
-      (up to DIRICHLET_MAX_TRIES times) until every client has >= min_client_size
-      samples. With samples_per_client, a random subset of N*S examples is drawn
+      (up to DIRICHLET_MAX_TRIES times) until every client has >= max(min_client_size,
+      2) samples. With samples_per_client, a random subset of N*S examples is drawn
       first, so S is the mean client size; without it the whole pool is used.
-    * ``iid``: a random equal split, S samples each.
+    * ``iid``: a random equal split, S >= 2 samples each.
 
     Each client's data is then split per class: n_train = round_half_up(train_fraction
     * n_c), clamped to [1, n_c - 1] when n_c >= 2 so both splits get the class; a single
-    example goes to train iff round_half_up(train_fraction) = 1. Train and test are
-    shuffled.
+    example goes to train iff round_half_up(train_fraction) = 1. A client whose classes
+    all hold a single example (possible with dirichlet and iid) cannot be split per
+    class, so it is split as a whole: round_half_up(train_fraction * n) of its n >= 2
+    examples, clamped to [1, n - 1], chosen at random, go to train. Every client thus
+    gets >= 1 train and >= 1 test example. Train and test are shuffled.
 
     Args:
         labels: int [M] class of every example of the pooled dataset.
@@ -135,10 +155,11 @@ def make_partition(
         dominant_share: noniid2's share of a client's samples in its d dominant classes,
             d/C <= share < 1.
         dirichlet_alpha: Dirichlet concentration, > 0.
-        min_client_size: dirichlet's smallest acceptable client (train + test).
-        samples_per_client: Per-client total S (train + test); None = the largest the
-            data allows for this scheme (`max_samples_per_client`), or the whole pool
-            for dirichlet.
+        min_client_size: dirichlet's smallest acceptable client (train + test), >= 0;
+            values below 2 act as 2 (one train and one test example).
+        samples_per_client: Per-client total S (train + test), >= 2; None = the largest
+            the data allows for this scheme (`max_samples_per_client`), or the whole
+            pool for dirichlet.
         train_fraction: Share of each client's data used for training, in (0, 1).
         seed: Seed of the partition.
 
@@ -146,7 +167,8 @@ def make_partition(
         The `Partition`.
 
     Raises:
-        UserInputError: Bad parameter values or an infeasible request.
+        UserInputError: Bad parameter values or an infeasible request (the message names
+            the feasible values or the parameters to change).
     """
     labels, avail = _check_common(labels, num_classes, num_clients, scheme, train_fraction)
     n = int(num_clients)
@@ -163,14 +185,24 @@ def make_partition(
             total = s_max
         else:
             total = _check_size(samples_per_client)
+            s_min = MIN_SPLIT * k  # <= s_max: _noniid1_max raised otherwise
             if total % k:
                 lo = (total // k) * k
-                nearest = f"{lo} or {lo + k}" if lo > 0 else f"{k}"
+                nearest = [v for v in (lo, lo + k) if s_min <= v <= s_max]
+                if not nearest:
+                    nearest = [s_min if total < s_min else s_max]
                 raise UserInputError(
                     f"{scheme}: samples_per_client={total} is not a multiple of "
-                    f"classes_per_client={k}; use {nearest}"
+                    f"classes_per_client={k}; use {' or '.join(map(str, nearest))}"
                 )
             per_class = total // k
+            if per_class < MIN_SPLIT:
+                raise UserInputError(
+                    f"{scheme}: samples_per_client={total} gives each of the {k} classes "
+                    f"{per_class} sample per client, leaving no test examples (each class "
+                    f"needs one train and one test example); the smallest valid "
+                    f"samples_per_client is {s_min}"
+                )
             need = uses * per_class
             bad = np.flatnonzero(need > avail)
             if bad.size:
@@ -193,16 +225,16 @@ def make_partition(
             plan.check(total)
         counts = plan.counts(total)
     elif scheme == "iid":
-        s_max = labels.shape[0] // n
+        s_max = _pool_max(labels.shape[0], n, scheme, MIN_SPLIT, None)
         if samples_per_client is None:
             total = s_max
-            if total == 0:
-                raise UserInputError(
-                    f"iid: {n} clients but only {labels.shape[0]} examples; no "
-                    f"samples_per_client is feasible"
-                )
         else:
             total = _check_size(samples_per_client)
+            if total < MIN_SPLIT:
+                raise UserInputError(
+                    f"iid: samples_per_client={total} leaves no example for one of train "
+                    f"and test; the smallest valid samples_per_client is {MIN_SPLIT}"
+                )
             if total > s_max:
                 raise UserInputError(
                     f"iid: {n} clients x {total} samples need {n * total} examples but "
@@ -242,14 +274,18 @@ def max_samples_per_client(
     dirichlet, which then uses the whole pool; its bound here is floor(M / N)).
     Arguments are those of `make_partition`; samples_per_client is ignored.
     noniid2's bound may depend on the seed (through the dominant-class sets).
+    The bound accounts for the 70/30 split (see `make_partition`): it is never below 2
+    (k-class schemes: 2k; dirichlet: max(min_client_size, 2), whose random draws may
+    still fail at that size).
 
     Returns:
-        The largest feasible per-client total (train + test).
+        The largest feasible per-client total (train + test), an int.
 
     Raises:
-        UserInputError: Bad parameter values, or no size at all is feasible.
+        UserInputError: Bad parameter values, or no size at all is feasible (the message
+            names the parameters to change).
     """
-    del samples_per_client, dirichlet_alpha, min_client_size  # Not bounds of the size.
+    del samples_per_client, dirichlet_alpha  # Not bounds of the size.
     labels, avail = _check_common(labels, num_classes, num_clients, scheme, train_fraction)
     n = int(num_clients)
     rng = np.random.default_rng(seed)
@@ -261,13 +297,10 @@ def max_samples_per_client(
     if scheme == "noniid2":
         d, share = _check_noniid2(dominant_classes, dominant_share, num_classes)
         return _Noniid2Plan(rng, n, num_classes, d, share, avail).max_size()
-    s_max = labels.shape[0] // n
-    if s_max == 0:
-        raise UserInputError(
-            f"{scheme}: {n} clients but only {labels.shape[0]} examples; no "
-            f"samples_per_client is feasible"
-        )
-    return s_max
+    if scheme == "dirichlet":
+        return _pool_max(labels.shape[0], n, scheme, _dirichlet_min(min_client_size),
+                         min_client_size)
+    return _pool_max(labels.shape[0], n, scheme, MIN_SPLIT, None)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -342,6 +375,41 @@ def _round_half_up(x: float) -> int:
     # The epsilon keeps exact halves (0.7 * 5 = 3.5) from rounding down through
     # binary representation error; Python's round() would round halves to even.
     return int(math.floor(x + 0.5 + 1e-9))
+
+
+def _or_list(items: list[str]) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def _pool_max(m: int, n: int, scheme: str, need: int, min_client_size) -> int:
+    """floor(m / n) for iid / dirichlet, or UserInputError when it is below `need`.
+
+    Args:
+        m: Examples in the pool.
+        n: Clients.
+        scheme: For the message.
+        need: Fewest examples a client may hold (>= MIN_SPLIT).
+        min_client_size: dirichlet's argument (named in the advice when it is what
+            raises `need` above MIN_SPLIT), or None.
+    """
+    s_max = m // n
+    if s_max >= need:
+        return s_max
+    why = ("one train and one test example" if need == MIN_SPLIT
+           else f"min_client_size={min_client_size}")
+    if m < need:
+        advice = "use a larger dataset"
+    elif scheme == "iid":  # Exact: any m // 2 clients get 2 examples each.
+        advice = f"use num_clients <= {m // need}"
+    else:
+        # dirichlet: the bound is necessary only (random draws decide), so no value.
+        advice = "lower num_clients" + (
+            " or min_client_size" if need > MIN_SPLIT and s_max >= MIN_SPLIT else "")
+    raise UserInputError(
+        f"{scheme}: {n} clients x {need} samples ({why}) need {n * need} examples but "
+        f"the pool has {m}; no samples_per_client is feasible; {advice}"
+    )
 
 
 # ----------------------------------------------------------------------------- noniid1 / adjacent / fig5
@@ -425,19 +493,103 @@ def _balanced_class_sets(rng, num_clients: int, k: int, avail: np.ndarray) -> np
 
 def _noniid1_max(avail: np.ndarray, uses: np.ndarray, n: int, k: int,
                  scheme: str = "noniid1") -> int:
+    """k * min_c floor(avail_c / uses_c) over used classes; UserInputError below 2k."""
     used = uses > 0
     per_class = avail[used] // uses[used]
     j = int(np.argmin(per_class))
-    if per_class[j] == 0:
+    if per_class[j] < MIN_SPLIT:
         c = int(np.flatnonzero(used)[j])
         raise UserInputError(
             f"{scheme}: {n} clients x {k} classes use class {c} for {uses[c]} clients but "
-            f"only {avail[c]} examples exist; no samples_per_client is feasible"
+            f"only {avail[c]} examples exist, fewer than {MIN_SPLIT} per client (one train "
+            f"and one test example); no samples_per_client is feasible; "
+            f"{_k_class_advice(scheme, n, k, avail)}"
         )
     return int(k * per_class[j])
 
 
+def _k_class_uses(scheme: str, n: int, k: int, avail: np.ndarray) -> np.ndarray:
+    """int64 [C] clients using each class: exact for adjacent; for noniid1 the balanced
+    counts up to ties between equally plentiful classes (which leave feasibility as is)."""
+    c = avail.shape[0]
+    if scheme == "adjacent":
+        return np.bincount(_adjacent_class_sets(n, k, c).reshape(-1), minlength=c)
+    q, r = divmod(n * k, c)
+    uses = np.full(c, q, dtype=np.int64)
+    uses[np.argsort(-avail, kind="stable")[:r]] += 1
+    return uses
+
+
+def _k_class_feasible(scheme: str, n: int, k: int, avail: np.ndarray) -> bool:
+    """Whether some samples_per_client is feasible (noniid1 / adjacent only)."""
+    uses = _k_class_uses(scheme, n, k, avail)
+    used = uses > 0
+    return bool((avail[used] // uses[used] >= MIN_SPLIT).all())
+
+
+def _largest(ok, lo: int, hi: int) -> int | None:
+    """Largest x in [lo, hi] with ok(x), for ok true up to a point then false; or None."""
+    if hi < lo or not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _k_class_advice(scheme: str, n: int, k: int, avail: np.ndarray) -> str:
+    """What makes a k-class scheme feasible: the largest num_clients / classes_per_client
+    that are (noniid1, adjacent: their uses grow with both), or which to lower (fig5,
+    whose random class sets leave no exact bound)."""
+    if scheme == "fig5":
+        levers = (["num_clients (>= 3)"] if n > 3 else []) + (
+            ["classes_per_client (>= 2)"] if k > 2 else [])
+        return "lower " + _or_list(levers) if levers else "use a larger dataset"
+    levers = []
+    n_ok = _largest(lambda x: _k_class_feasible(scheme, x, k, avail), 1, n - 1)
+    if n_ok is not None:
+        levers.append(f"num_clients <= {n_ok}")
+    k_ok = _largest(lambda x: _k_class_feasible(scheme, n, x, avail), 1, k - 1)
+    if k_ok is not None:
+        levers.append(f"classes_per_client <= {k_ok}")
+    return "use " + _or_list(levers) if levers else "use a larger dataset"
+
+
 # ----------------------------------------------------------------------------- noniid2
+
+
+def _noniid2_split(s: int, share: float, m: int) -> tuple[int, int]:
+    """noniid2's (D, non) for per-client total s: see `_Noniid2Plan`."""
+    non = (s - _round_half_up(share * s)) // m
+    return s - m * non, non
+
+
+def _noniid2_valid(s: int, share: float, m: int, d: int) -> bool:
+    """Whether total s gives every class >= 1 and every dominant class >= 2 samples."""
+    dom, non = _noniid2_split(s, share, m)
+    return non >= 1 and dom >= MIN_SPLIT * d
+
+
+def _noniid2_min_size(share: float, m: int, d: int) -> int:
+    """Smallest valid noniid2 total (m other and d dominant classes); seed-independent."""
+    # S - R grows with S, so bisect for the first S with non >= 1 ...
+    low = m
+    lo, hi = 1, 1
+    while (hi - _round_half_up(share * hi)) < low:
+        hi *= 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid - _round_half_up(share * mid) >= low:
+            hi = mid
+        else:
+            lo = mid + 1
+    # ... then walk up for the dominant classes (share >= d/C makes this rare).
+    while not _noniid2_valid(lo, share, m, d):
+        lo += 1
+    return lo
 
 
 class _Noniid2Plan:
@@ -474,8 +626,7 @@ class _Noniid2Plan:
 
     def split(self, s: int) -> tuple[int, int]:
         """(D, non): dominant-group total and the count of each other class."""
-        non = (s - _round_half_up(self.share * s)) // self.m
-        return s - self.m * non, non
+        return _noniid2_split(s, self.share, self.m)
 
     def counts(self, s: int) -> np.ndarray:
         """int64 [N, C] samples of each class per client for per-client total s."""
@@ -490,28 +641,19 @@ class _Noniid2Plan:
             self.n - self.uses) * non
 
     def _valid(self, s: int) -> bool:
-        dom, non = self.split(s)
-        return non >= 1 and dom >= self.d
+        return _noniid2_valid(s, self.share, self.m, self.d)
 
     def min_size(self) -> int:
-        """Smallest S giving every class >= 1 sample in every client."""
-        # S - R grows with S, so bisect for the first S with non >= 1 ...
-        lo, hi = 1, 1
-        while (hi - _round_half_up(self.share * hi)) < self.m:
-            hi *= 2
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if mid - _round_half_up(self.share * mid) >= self.m:
-                hi = mid
-            else:
-                lo = mid + 1
-        # ... then walk up for the dominant classes (share >= d/C makes this rare).
-        while not self._valid(lo):
-            lo += 1
-        return lo
+        """Smallest S giving every class >= 1 and every dominant class >= 2 samples in
+        every client; it need not be feasible (see `smallest_feasible`)."""
+        return _noniid2_min_size(self.share, self.m, self.d)
 
     def _feasible(self, s: int) -> bool:
         return bool((self.need(s) <= self.avail).all())
+
+    def fits_smallest(self) -> bool:
+        """Whether the smallest valid size is feasible."""
+        return self._feasible(self.min_size())
 
     def max_size(self) -> int:
         lo = self.min_size()
@@ -524,18 +666,25 @@ class _Noniid2Plan:
         hi = min(int(self.avail.sum()) // self.n,
                  int(np.floor(np.min((self.avail + slack) / rate))))
         for s in range(hi, lo - 1, -1):
-            if self._feasible(s):
+            if self._valid(s) and self._feasible(s):
                 return s
         self._raise_infeasible(lo, None)
+
+    def smallest_feasible(self) -> int:
+        """Smallest valid S that the data allows (raises like `max_size` if none)."""
+        s_max = self.max_size()
+        return next(s for s in range(self.min_size(), s_max + 1)
+                    if self._valid(s) and self._feasible(s))
 
     def check(self, s: int) -> None:
         if not self._valid(s):
             dom, non = self.split(s)
             raise UserInputError(
                 f"noniid2: samples_per_client={s} is too small for all {self.c} classes "
-                f"to be present ({self.d} dominant classes sharing {dom}, {self.m} other "
+                f"to be present with >= {MIN_SPLIT} samples (one train, one test) of each "
+                f"dominant class ({self.d} dominant classes sharing {dom}, {self.m} other "
                 f"classes getting {non} each); the smallest valid samples_per_client is "
-                f"{self.min_size()}"
+                f"{self.smallest_feasible()}"
             )
         if not self._feasible(s):
             self._raise_infeasible(s, self.max_size())
@@ -543,11 +692,21 @@ class _Noniid2Plan:
     def _raise_infeasible(self, s: int, s_max: int | None) -> None:
         need = self.need(s)
         c = int(np.argmax(need - self.avail))
-        tail = (
-            f"the largest feasible samples_per_client is {s_max}"
-            if s_max is not None
-            else "no samples_per_client with every class present is feasible"
-        )
+        if s_max is not None:
+            tail = f"the largest feasible samples_per_client is {s_max}"
+        else:
+            # Name only the levers that help: one client at this share, or these
+            # clients at the uniform share d/C, fit at their smallest valid size (their
+            # random choices drawn from a throwaway generator).
+            def fits(n, share):
+                return _Noniid2Plan(np.random.default_rng(0), n, self.c, self.d, share,
+                                    self.avail).fits_smallest()
+
+            uniform = self.d / self.c
+            levers = (["num_clients"] if self.n > 1 and fits(1, self.share) else []) + (
+                ["dominant_share"] if self.share > uniform and fits(self.n, uniform) else [])
+            tail = ("no samples_per_client with every class present is feasible; "
+                    + ("lower " + _or_list(levers) if levers else "use a larger dataset"))
         raise UserInputError(
             f"noniid2: {self.n} clients ({self.d} dominant classes, share "
             f"{self.share:g}) need {need[c]} samples of class {c} at samples_per_client="
@@ -558,29 +717,43 @@ class _Noniid2Plan:
 # ----------------------------------------------------------------------------- dirichlet
 
 
-def _dirichlet(rng, labels, num_classes, n, alpha, min_client_size, samples_per_client):
-    if not isinstance(alpha, numbers.Real) or not (0.0 < alpha < math.inf):
-        raise UserInputError(f"dirichlet: dirichlet_alpha must be > 0, got {alpha!r}")
+def _dirichlet_min(min_client_size) -> int:
+    """Validates min_client_size; returns the effective minimum max(it, MIN_SPLIT)."""
     if not _is_int(min_client_size) or min_client_size < 0:
         raise UserInputError(
             f"dirichlet: min_client_size must be an integer >= 0, got {min_client_size!r}"
         )
+    return max(int(min_client_size), MIN_SPLIT)
+
+
+def _dirichlet(rng, labels, num_classes, n, alpha, min_client_size, samples_per_client):
+    if not isinstance(alpha, numbers.Real) or not (0.0 < alpha < math.inf):
+        raise UserInputError(f"dirichlet: dirichlet_alpha must be > 0, got {alpha!r}")
+    need = _dirichlet_min(min_client_size)
     m = labels.shape[0]
+    s_max = _pool_max(m, n, "dirichlet", need, min_client_size)  # >= need
     if samples_per_client is None:
         pool = np.arange(m)
     else:
         s = _check_size(samples_per_client)
-        if n * s > m:
+        if s > s_max:
             raise UserInputError(
                 f"dirichlet: {n} clients x {s} samples need {n * s} examples but only {m} "
-                f"exist; the largest feasible samples_per_client is {m // n}"
+                f"exist; the largest feasible samples_per_client is {s_max}"
+            )
+        if s < need:
+            why = ("one train and one test example" if need == MIN_SPLIT
+                   else f"min_client_size={min_client_size}")
+            # No smallest value to name: at S = need every client must get exactly S,
+            # which random draws (almost) never give.
+            levers = [f"raise samples_per_client (at most {s_max})"] + (
+                ["lower min_client_size"] if need > MIN_SPLIT else []) + [
+                "leave samples_per_client unset for the whole pool"]
+            raise UserInputError(
+                f"dirichlet: samples_per_client={s} (the mean client size) is below the "
+                f"{need} samples every client needs ({why}); {_or_list(levers)}"
             )
         pool = np.sort(rng.choice(m, size=n * s, replace=False))
-    if n * min_client_size > pool.shape[0]:
-        raise UserInputError(
-            f"dirichlet: {n} clients x min_client_size={min_client_size} need "
-            f"{n * min_client_size} examples but the pool has {pool.shape[0]}"
-        )
     pool_labels = labels[pool]
     by_class = [rng.permutation(pool[pool_labels == c]) for c in range(num_classes)]
     smallest = 0
@@ -590,17 +763,19 @@ def _dirichlet(rng, labels, num_classes, n, alpha, min_client_size, samples_per_
             continue
         sizes = sum(np.diff(cut, prepend=0) for cut in cuts)
         smallest = max(smallest, int(sizes.min()))
-        if sizes.min() >= min_client_size:
+        if sizes.min() >= need:
             parts = [[] for _ in range(n)]
             for idx, cut in zip(by_class, cuts):
                 for i, piece in enumerate(np.split(idx, cut[:-1])):
                     parts[i].append(piece)
             return [np.concatenate(p) for p in parts]
+    why = ("one train and one test example" if need == MIN_SPLIT
+           else f"min_client_size={min_client_size}")
     raise UserInputError(
         f"dirichlet: after {DIRICHLET_MAX_TRIES} draws with alpha={alpha} some client "
-        f"always had fewer than min_client_size={min_client_size} samples (best draw's "
-        f"smallest client: {smallest}); raise dirichlet_alpha or lower min_client_size "
-        f"or num_clients"
+        f"always had fewer than {need} samples ({why}; best draw's smallest client: "
+        f"{smallest}); raise dirichlet_alpha or lower num_clients"
+        + (" or min_client_size" if need > MIN_SPLIT else "")
     )
 
 
@@ -657,20 +832,30 @@ def _deal_by_counts(rng, labels: np.ndarray, counts: np.ndarray) -> list[np.ndar
 
 
 def _finish(rng, clients, labels, train_fraction, scheme, total) -> Partition:
-    """Splits every client's examples train/test per class and builds the Partition."""
+    """Splits every client's examples train/test per class and builds the Partition.
+
+    Every client must hold >= 2 examples (the schemes ensure it); one whose classes are
+    all single examples is split as a whole, so each gets >= 1 train and >= 1 test.
+    """
     train, test, classes = [], [], []
     for idx in clients:
         idx = rng.permutation(np.asarray(idx, dtype=np.int64))
+        assert idx.size >= MIN_SPLIT, idx.size
         lab = labels[idx]
         srt = np.argsort(lab, kind="stable")  # Stable: keeps the random order per class.
-        idx, lab = idx[srt], lab[srt]
-        cls, start, cnt = np.unique(lab, return_index=True, return_counts=True)
-        n_train = np.array([_round_half_up(train_fraction * c) for c in cnt], dtype=np.int64)
-        two = cnt >= 2
-        n_train[two] = np.clip(n_train[two], 1, cnt[two] - 1)
-        group = np.repeat(np.arange(cls.size), cnt)
-        rank = np.arange(idx.size) - start[group]
-        is_train = rank < n_train[group]
+        cls, start, cnt = np.unique(lab[srt], return_index=True, return_counts=True)
+        if cnt.max() >= 2:
+            idx = idx[srt]
+            n_train = np.array([_round_half_up(train_fraction * c) for c in cnt],
+                               dtype=np.int64)
+            two = cnt >= 2
+            n_train[two] = np.clip(n_train[two], 1, cnt[two] - 1)
+            group = np.repeat(np.arange(cls.size), cnt)
+            rank = np.arange(idx.size) - start[group]
+            is_train = rank < n_train[group]
+        else:  # All singletons: no per-class split exists; split the (random) order.
+            n_tr = min(max(_round_half_up(train_fraction * idx.size), 1), idx.size - 1)
+            is_train = np.arange(idx.size) < n_tr
         train.append(rng.permutation(idx[is_train]))
         test.append(rng.permutation(idx[~is_train]))
         classes.append(cls.astype(np.int64))

@@ -16,6 +16,11 @@ Names accepted by `load_dataset`:
 
 Decoded datasets are cached per process and their arrays are read-only, so repeated
 loads are free and a caller cannot corrupt the cache by writing into them.
+
+Classes are the labels actually present: a source that declares more classes than its
+labels use (TFDS's ``emnist/letters`` declares 37, its labels are 1..26) has the labels
+present mapped, in order, to 0..K-1, recorded in `Dataset.class_map`, so that no scheme
+or model sees a class without examples.
 """
 
 from __future__ import annotations
@@ -89,10 +94,16 @@ class Dataset:
     Attributes:
         name: The name passed to `load_dataset`.
         images: uint8 [M, H, W, C], NHWC, train and test splits pooled (train first).
-        labels: int32 [M], values in [0, num_classes).
-        num_classes: Number of classes C_cls.
+        labels: int32 [M], values in [0, num_classes); every class has >= 1 example
+            (for datasets made by `load_dataset`).
+        num_classes: Number of classes C_cls (>= 2 for `load_dataset`).
         mean: Per-channel mean of images/255, length C.
         std: Per-channel standard deviation of images/255, length C.
+        class_map: None when `labels` are the source's own labels; otherwise the
+            source's label of each class: class i here is label class_map[i] of the
+            source (strictly increasing, length num_classes). Set when the source
+            declares classes its data never uses (e.g. TFDS emnist/letters: 37 declared,
+            labels 1..26 -> class_map = (1, ..., 26), num_classes = 26).
     """
 
     name: str
@@ -101,6 +112,7 @@ class Dataset:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    class_map: tuple[int, ...] | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -131,10 +143,13 @@ def load_dataset(
         seed: Seed of synthetic data (same seed => identical arrays). Ignored otherwise.
 
     Returns:
-        The pooled `Dataset` (cached per process; its arrays are read-only).
+        The pooled `Dataset` (cached per process; its arrays are read-only). Its classes
+        are the labels present, mapped to 0..K-1 if they are not already (see
+        `Dataset.class_map`).
 
     Raises:
-        UserInputError: Unknown name, missing or corrupt files, dataset not built.
+        UserInputError: Unknown name, missing or corrupt files, dataset not built,
+            labels outside the declared classes, or fewer than 2 classes present.
     """
     if not isinstance(name, str):
         raise UserInputError(f"dataset name must be a string, got {name!r}")
@@ -197,14 +212,40 @@ def _channel_mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[floa
 
 
 def _make_dataset(name: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> Dataset:
-    """Freezes arrays (the result is cached and shared) and computes mean/std."""
+    """Maps the labels present to 0..K-1 if some declared class is empty, freezes the
+    arrays (the result is cached and shared) and computes mean/std.
+
+    Args:
+        name: The dataset name (also used in messages).
+        images: uint8-convertible [M, H, W, C].
+        labels: int [M] in [0, num_classes) (checked by the callers).
+        num_classes: The classes the source declares.
+
+    Raises:
+        UserInputError: Fewer than 2 classes present.
+    """
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    if present.size < 2:
+        raise UserInputError(
+            f"{name}: all {labels.size} examples have label "
+            f"{int(present[0]) if present.size else 'none'}; classification needs at "
+            f"least 2 classes with examples"
+        )
+    class_map = None
+    if present.size != num_classes:
+        # Declared classes without a single example (phantom classes) would be handed to
+        # clients and the model; keep only the classes present, in label order.
+        class_map = tuple(int(c) for c in present)
+        labels = np.searchsorted(present, labels)
+        num_classes = present.size
     images = np.ascontiguousarray(images, dtype=np.uint8)
     labels = np.ascontiguousarray(labels, dtype=np.int32)
     images.flags.writeable = False
     labels.flags.writeable = False
     mean, std = _channel_mean_std(images)
     return Dataset(name=name, images=images, labels=labels, num_classes=int(num_classes),
-                   mean=mean, std=std)
+                   mean=mean, std=std, class_map=class_map)
 
 
 # ----------------------------------------------------------------------------- fmnist

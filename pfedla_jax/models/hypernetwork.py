@@ -25,7 +25,7 @@ from pfedla_jax.errors import UserInputError
 from pfedla_jax.models.cnn import torch_default_uniform
 
 NORMALIZATIONS = ("relu", "softmax")
-HEAD_INITS = ("uniform", "torch", "zeros")
+HEAD_INITS = ("auto", "uniform", "torch", "zeros")
 
 
 def _flag(name: str, text: str) -> dict:
@@ -39,11 +39,20 @@ class HNConfig:
     embed_dim: int = dataclasses.field(default=100, metadata=_flag("hn_embed_dim", "embedding size."))
     hidden_dim: int = dataclasses.field(default=100, metadata=_flag("hn_hidden_dim", "hidden width."))
     num_hidden: int = dataclasses.field(default=3, metadata=_flag("hn_num_hidden", "hidden layers."))
-    normalization: str = dataclasses.field(default="relu", metadata=_flag(
-        "hn_normalization", "relu (ReLU then divide by sum) | softmax."))
-    head_init: str = dataclasses.field(default="uniform", metadata=_flag(
-        "hn_head_init", "uniform (U(0,1) heads, public code) | torch (PyTorch's default) | "
-        "zeros (every alpha starts uniform)."))
+    normalization: str = dataclasses.field(default="softmax", metadata=_flag(
+        "hn_normalization", "softmax (default: every weight stays > 0, no row can die) | "
+        "relu (ReLU then divide by sum, public code)."))
+    head_init: str = dataclasses.field(default="auto", metadata=_flag(
+        "hn_head_init", "auto (zeros under softmax, uniform under relu) | uniform (U(0,1) "
+        "heads, public code) | torch (PyTorch's default) | zeros (every alpha starts uniform; "
+        "softmax only)."))
+
+    @property
+    def resolved_head_init(self) -> str:
+        """The head initialisation 'auto' stands for under this normalisation."""
+        if self.head_init != "auto":
+            return self.head_init
+        return "zeros" if self.normalization == "softmax" else "uniform"
 
     def validate(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -52,6 +61,11 @@ class HNConfig:
         if self.head_init not in HEAD_INITS:
             raise UserInputError(f"unknown --hn_head_init {self.head_init!r}; expected one of "
                                  f"{', '.join(HEAD_INITS)}")
+        if self.resolved_head_init == "zeros" and self.normalization == "relu":
+            raise UserInputError(
+                "--hn_head_init=zeros needs --hn_normalization=softmax: ReLU of all-zero scores "
+                "leaves only the keep-own-layer fallback, so every alpha row would start one-hot "
+                "and get no gradient")
         for name in ("embed_dim", "hidden_dim"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"--hn_{name} must be >= 1, got {getattr(self, name)}")
@@ -96,10 +110,11 @@ class LayerWeightHypernetwork(nn.Module):
                          bias_init=torch_default_uniform(fan_in))(h)
             h = nn.relu(h)
             fan_in = cfg.hidden_dim
-        if cfg.head_init == "uniform":
+        head_init = cfg.resolved_head_init
+        if head_init == "uniform":
             kernel_init = nn.initializers.uniform(1.0)  # U(0, 1)
             bias_init = nn.initializers.zeros
-        elif cfg.head_init == "zeros":  # alpha starts exactly uniform (softmax or ReLU-of-0 fallback aside)
+        elif head_init == "zeros":  # alpha starts exactly uniform (softmax)
             kernel_init = bias_init = nn.initializers.zeros
         else:
             kernel_init = torch_default_uniform(fan_in)

@@ -37,7 +37,8 @@ from pfedla_jax.models import layer_names, make_cnn
 from pfedla_jax.training.config import (ExperimentConfig, RunOptions, apply_overrides,
                                         enable_compilation_cache)
 from pfedla_jax.training.workdir import (Checkpoints, ExportLog, MetricsWriter, kept_round,
-                                         prepare_workdir, write_summary)
+                                         prepare_workdir, read_summary, remove_finished_outputs,
+                                         write_config, write_summary)
 
 __all__ = ["Experiment", "ExperimentConfig", "RunOptions", "apply_overrides", "build_experiment",
            "experiment_keys", "format_table", "participation_schedule", "run_experiment"]
@@ -81,6 +82,7 @@ class Experiment:
     partition: Any
     keys: ExperimentKeys
     schedule: np.ndarray  # [rounds, S]
+    class_map: tuple[int, ...] | None = None  # the source's label of each class (None: identity)
     _round_keys: np.ndarray | None = None
 
     def round_key(self, t: int) -> np.ndarray:
@@ -107,11 +109,8 @@ def build_experiment(config: ExperimentConfig, options: RunOptions = RunOptions(
         min_client_size=config.min_client_size,
         samples_per_client=config.samples_per_client or None, seed=config.seed)
     store = build_client_store(dataset, partition)
-    empty = np.flatnonzero(np.asarray(store.test_count) == 0)
-    if empty.size:
-        raise UserInputError(
-            f"{empty.size} client(s) get no test examples from the 70/30 per-class split "
-            f"(e.g. client {int(empty[0])}); use a larger --samples_per_client")
+    # make_partition guarantees every client >= 1 train and >= 1 test example (issue 13 §2)
+    assert np.all(np.asarray(store.train_count) > 0) and np.all(np.asarray(store.test_count) > 0)
     use_bn = None if config.use_bn == "auto" else config.use_bn == "true"
     model = make_cnn(dataset.input_shape, dataset.num_classes, use_bn=use_bn)
     trainer = ClientTrainer(model, store, config.train, options.client_parallelism)
@@ -123,7 +122,8 @@ def build_experiment(config: ExperimentConfig, options: RunOptions = RunOptions(
     keys = experiment_keys(config.seed)
     schedule = participation_schedule(keys.schedule, config.num_clients, config.clients_per_round,
                                       config.rounds)
-    return Experiment(config, algorithm, ctx, evaluator, partition, keys, schedule)
+    return Experiment(config, algorithm, ctx, evaluator, partition, keys, schedule,
+                      class_map=dataset.class_map)
 
 
 @jax.jit
@@ -206,10 +206,11 @@ def start_run(exp: Experiment, workdir: str | None, options: RunOptions) -> Run:
     run.checkpoints = Checkpoints(workdir, options.checkpoint_every)
     resume_round = run.checkpoints.latest_round() if resumable else None
     keep = None
+    if resume_round is not None and resume_round > config.rounds:
+        raise UserInputError(f"--workdir {workdir!r} holds a run already at round {resume_round}, "
+                             f"past --rounds={config.rounds}; use --overwrite or more rounds")
+    write_config(workdir, config)  # only now: a refused command leaves the workdir as it was
     if resume_round is not None:
-        if resume_round > config.rounds:
-            raise UserInputError(f"--workdir {workdir!r} holds a run already at round {resume_round}, "
-                                 f"past --rounds={config.rounds}; use --overwrite or more rounds")
         step, saved, arrays, meta = run.checkpoints.restore(algo.to_checkpoint(state))
         saved_schedule = np.asarray(arrays["schedule"])
         if not np.array_equal(saved_schedule, exp.schedule[:saved_schedule.shape[0]]) or not np.array_equal(
@@ -222,6 +223,8 @@ def start_run(exp: Experiment, workdir: str | None, options: RunOptions) -> Run:
         run.bytes_up_total, run.bytes_down_total = int(meta["bytes_up_total"]), int(meta["bytes_down_total"])
         keep = lambda r: kept_round(r, resume_round=step, eval_every=config.eval_every,
                                     rounds=config.rounds)
+    if run.next_round < config.rounds:
+        remove_finished_outputs(workdir)  # this command changes the run's end
     run.writer = MetricsWriter(workdir, keep, resume_round, options.tensorboard)
     run.records = run.writer.records
     run.exports = ExportLog(workdir, algo.export_name, algo.export_metadata(), keep)
@@ -253,9 +256,12 @@ class Progress:
                  dt: float) -> None:
         if not (evaluated or (self.every and round_done % self.every == 0)):
             return
-        acc = run.records[-1]["test_acc"] if run.records else float("nan")
+        # the last evaluation, with its round when it is not this one; '-' before the first
+        last = run.records[-1] if run.records else None
+        acc = "-" if last is None else f"{last['test_acc']:.4f}" + (
+            "" if last["round"] == round_done else f" (round {last['round']})")
         recent = statistics.median(run.round_times[-20:][1:] or run.round_times[-1:])
-        self.log(f"round {round_done:4d}/{self.rounds}  test_acc {acc:.4f}  train_loss "
+        self.log(f"round {round_done:4d}/{self.rounds}  test_acc {acc}  train_loss "
                  f"{train_loss:.4f}  {dt:.2f}s  {1.0 / recent:.2f} rounds/s  "
                  f"{seen / dt:,.0f} ex/s  ETA {_eta(recent * (self.rounds - round_done))}")
 
@@ -333,12 +339,19 @@ def finish(exp: Experiment, run: Run, seconds: float) -> dict[str, Any]:
         "test_examples_per_client": np.asarray(ctx.store.test_count).tolist(),
         "label_histogram": label_histogram(ctx.store).tolist(),
         "samples_per_client": exp.partition.samples_per_client,
+        # class i of this run is label class_map[i] of the source (labels that did not fill
+        # 0..C-1 were mapped in order); None: the source's labels as they are
+        "class_map": None if exp.class_map is None else [int(c) for c in exp.class_map],
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "jax_version": jax.__version__,
     }
     if run.workdir:
-        write_summary(run.workdir, summary)
+        stored = read_summary(run.workdir) if run.resumed_from == config.rounds else None
+        if stored is not None:
+            summary = stored  # a finished run found again: its summary stays as it was written
+        else:
+            write_summary(run.workdir, summary)
     summary["records"] = records
     return summary
 

@@ -9,20 +9,29 @@ Layout:
   <export>.npz         arrays the algorithm exports at evaluations (pFedLA: alpha.npz,
                        alpha of every client and layer at every evaluated round)
   summary.json         written when the run ends
+  plots/               experiments.plots' default output (made from the files above)
 
+Every file describes the one run config.json names, whatever sequence of commands made it.
 Resuming: the latest committed checkpoint gives the round r to restart from; rows of
 metrics.jsonl / metrics.csv / <export>.npz for rounds after r (written before an interruption)
-are dropped, and TensorBoard purges its events after r, so an interrupted and resumed run
-leaves the same files as an uninterrupted one.
+are dropped, and so is the row of a final round that an extended run no longer ends at
+(kept_round); the TensorBoard events are rewritten to match: per-round events up to r,
+evaluation events of the kept rows only. So an interrupted, resumed or extended run leaves
+the same files as one uninterrupted run. A command that runs rounds removes summary.json
+and plots/ (they describe the run's end: finish writes the summary again, experiments.plots
+remakes the plots); --overwrite removes everything the workdir's run wrote.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import shutil
+import socket
+import struct
+import time
+import uuid
 from typing import Any
 
 import jax
@@ -33,8 +42,11 @@ from pfedla_jax.errors import UserInputError
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-OUTPUT_FILES = ("metrics.jsonl", "metrics.csv", "summary.json", CONFIG_FILE)
-OUTPUT_DIRS = (CHECKPOINT_DIR, "tb")
+TB_DIR = "tb"
+PLOTS_DIR = "plots"  # experiments.plots writes here by default
+SUMMARY_FILE = "summary.json"
+OUTPUT_FILES = ("metrics.jsonl", "metrics.csv", SUMMARY_FILE, CONFIG_FILE)
+OUTPUT_DIRS = (CHECKPOINT_DIR, TB_DIR, PLOTS_DIR)
 # Fields that may change between an interrupted run and its resumption: more rounds extend
 # a run; the others do not change what is computed.
 RESUMABLE_CHANGES = ("rounds",)
@@ -60,6 +72,9 @@ def config_differences(old: dict, new: dict) -> list[str]:
 def prepare_workdir(workdir: str, config: Any, overwrite: bool) -> bool:
     """Creates or checks `workdir` for `config`; True if a run there may be resumed.
 
+    config.json is not written here: write_config, once the run is known to go ahead (a
+    command refused later, e.g. for fewer rounds than the checkpoint, leaves it as it was).
+
     Raises:
       UserInputError: the workdir can't be written, or holds a run with another
         configuration (and `overwrite` is False).
@@ -70,13 +85,19 @@ def prepare_workdir(workdir: str, config: Any, overwrite: bool) -> bool:
         path = os.path.join(workdir, CONFIG_FILE)
         if overwrite:
             for name in OUTPUT_FILES + tuple(sorted(_export_names())):
-                if os.path.exists(os.path.join(workdir, name)):
-                    os.remove(os.path.join(workdir, name))
+                # with the temporary file an interrupted atomic write may have left
+                for n in (name, _temporary(name)):
+                    if os.path.exists(os.path.join(workdir, n)):
+                        os.remove(os.path.join(workdir, n))
             for name in OUTPUT_DIRS:
                 shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
         if os.path.exists(path):
             with open(path) as f:
-                old = json.load(f)
+                try:
+                    old = json.load(f)
+                except json.JSONDecodeError:
+                    raise UserInputError(f"--workdir {workdir!r} holds an unreadable {CONFIG_FILE}; "
+                                         "use another --workdir or --overwrite") from None
             diffs = [d for d in config_differences(old, new)
                      if d.split(":")[0] not in RESUMABLE_CHANGES]
             if diffs:
@@ -91,11 +112,18 @@ def prepare_workdir(workdir: str, config: Any, overwrite: bool) -> bool:
                 "use another --workdir or --overwrite")
         else:
             resumable = False
-        with open(path, "w") as f:
-            json.dump(new, f, indent=2)
     except OSError as e:
         raise UserInputError(f"cannot write to --workdir {workdir!r}: {e.strerror or e}") from None
     return resumable
+
+
+def write_config(workdir: str, config: Any) -> None:
+    """WORKDIR/config.json: the configuration of the run the workdir holds (atomically)."""
+    try:
+        _replace_file(os.path.join(workdir, CONFIG_FILE),
+                      lambda f: json.dump(config.to_dict(), f, indent=2))
+    except OSError as e:
+        raise UserInputError(f"cannot write to --workdir {workdir!r}: {e.strerror or e}") from None
 
 
 class Checkpoints:
@@ -112,8 +140,11 @@ class Checkpoints:
         self.every = every
         self.manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+            # cleanup_tmp_directories: a save cut by an interruption leaves a temporary
+            # directory that no later save of this run may replace
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=True))
+                                                 enable_async_checkpointing=True,
+                                                 cleanup_tmp_directories=True))
 
     def latest_round(self) -> int | None:
         return self.manager.latest_step()
@@ -167,12 +198,132 @@ def kept_round(round_done: int, resume_round: int, eval_every: int, rounds: int)
     return round_done <= resume_round and (round_done % eval_every == 0 or round_done == rounds)
 
 
+def _temporary(name: str) -> str:
+    """The temporary file an atomic write of `name` goes through (x.npz: x.tmp.npz, as np.savez
+    appends .npz)."""
+    return name[: -len(".npz")] + ".tmp.npz" if name.endswith(".npz") else name + ".tmp"
+
+
 def _replace_file(path: str, write) -> None:
     """Writes `path` through a temporary file, so an interruption never leaves half of it."""
-    tmp = path + ".tmp"
+    tmp = _temporary(path)
     with open(tmp, "w", newline="") as f:
         write(f)
     os.replace(tmp, path)
+
+
+def event_files(tb_dir: str) -> list[str]:
+    """The TensorBoard event files in `tb_dir` (names, sorted: TensorBoard's reading order)."""
+    if not os.path.isdir(tb_dir):
+        return []
+    return sorted(n for n in os.listdir(tb_dir)
+                  if "tfevents" in n and os.path.isfile(os.path.join(tb_dir, n)))
+
+
+def read_scalar_events(tb_dir: str) -> list[tuple[str, int, float, float]]:
+    """(tag, step, value, wall_time) of every scalar event in `tb_dir`, file by file.
+
+    Reads TFRecord framing (length, masked CRC-32C of it, event proto, masked CRC-32C of it);
+    a record cut short or damaged (an interrupted write) ends its file.
+    """
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    out = []
+    for name in event_files(tb_dir):
+        with open(os.path.join(tb_dir, name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            header, (header_crc,) = data[pos:pos + 8], struct.unpack("<I", data[pos + 8:pos + 12])
+            end = pos + 12 + struct.unpack("<Q", header)[0]
+            if header_crc != masked_crc32c(header) or end + 4 > len(data):
+                break
+            body = data[pos + 12:end]
+            if struct.unpack("<I", data[end:end + 4])[0] != masked_crc32c(body):
+                break
+            event = Event.FromString(body)
+            out += [(v.tag, event.step, v.simple_value, event.wall_time)
+                    for v in event.summary.value if v.WhichOneof("value") == "simple_value"]
+            pos = end + 4
+    return out
+
+
+class EventFile:
+    """A TensorBoard event file written synchronously: once flush(sync=True) returns, every
+    event added so far is on disk (tensorboardX's SummaryWriter queues events for a thread,
+    and its flush does not wait for the queue)."""
+
+    def __init__(self, path: str):
+        from tensorboardX.proto.event_pb2 import Event
+
+        self._f = open(path, "wb")
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event) -> None:
+        from tensorboardX.record_writer import masked_crc32c
+
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        self._f.write(header + struct.pack("<I", masked_crc32c(header)) + data
+                      + struct.pack("<I", masked_crc32c(data)))
+
+    def scalar(self, tag: str, value: float, step: int, wall_time: float | None = None) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        self._write(Event(wall_time=time.time() if wall_time is None else wall_time, step=step,
+                          summary=scalar(tag, float(value))))
+
+    def flush(self, sync: bool = False) -> None:
+        self._f.flush()
+        if sync:
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self.flush(sync=True)
+        self._f.close()
+
+
+def _eval_tag(key: str) -> str:
+    from tensorboardX.summary import scalar
+
+    return scalar(f"eval/{key}", 0.0).value[0].tag  # the tag as TensorBoard stores it
+
+
+def truncate_tensorboard(tb_dir: str, resume_round: int, records: list[dict]) -> None:
+    """Rewrites `tb_dir`'s events as those of the run resumed after `resume_round`.
+
+    Keeps the per-round events of rounds <= resume_round (their values exist only here) and
+    writes the evaluation events from `records`, the kept metrics rows, so events of rounds
+    past the checkpoint (an interrupted attempt) and of a final round that an extended run no
+    longer ends at are gone. The result goes through a temporary file and replaces the first
+    event file; the others are then removed (an interruption in between leaves copies of the
+    same events, merged by the next resume).
+    """
+    names = event_files(tb_dir)
+    if not names:
+        return
+    latest: dict[tuple[str, int], tuple[float, float]] = {}
+    for tag, step, value, wall in read_scalar_events(tb_dir):
+        latest[(tag, step)] = (value, wall)
+    wall_of_step = {step: wall for (_, step), (_, wall) in latest.items()}
+    events = [(step, wall, tag, value) for (tag, step), (value, wall) in latest.items()
+              if step <= resume_round and not tag.startswith("eval/")]
+    for r in records:
+        for key, value in _scalar_items(r).items():
+            if key != "round":
+                tag, step = _eval_tag(key), r["round"]
+                wall = latest.get((tag, step), (None, wall_of_step.get(step, time.time())))[1]
+                events.append((step, wall, tag, value))
+    tmp = os.path.join(tb_dir, ".rewrite.tmp")  # no "tfevents" in the name: TensorBoard skips it
+    out = EventFile(tmp)
+    for step, wall, tag, value in sorted(events):
+        out.scalar(tag, value, step, wall)
+    out.close()
+    os.replace(tmp, os.path.join(tb_dir, names[0]))
+    for name in names[1:]:
+        os.remove(os.path.join(tb_dir, name))
 
 
 class MetricsWriter:
@@ -182,8 +333,9 @@ class MetricsWriter:
       workdir: the run directory.
       keep: None for a fresh run (existing metrics and TensorBoard events are discarded),
         else a predicate on the round of an existing row (resume).
-      resume_round: the round the run resumes after (TensorBoard purges later events).
-      tensorboard: write event files to WORKDIR/tb.
+      resume_round: the round the run resumes after (later TensorBoard events are dropped).
+      tensorboard: write event files to WORKDIR/tb (existing events are truncated on resume
+        either way).
     """
 
     def __init__(self, workdir: str, keep=None, resume_round: int | None = None,
@@ -192,6 +344,7 @@ class MetricsWriter:
         self.jsonl = os.path.join(workdir, "metrics.jsonl")
         self.csv = os.path.join(workdir, "metrics.csv")
         self.records: list[dict] = []
+        tb_dir = os.path.join(workdir, TB_DIR)
         if keep is not None and os.path.exists(self.jsonl):
             rows = []
             with open(self.jsonl) as f:
@@ -203,27 +356,32 @@ class MetricsWriter:
             self.records = [r for r in rows if keep(r["round"])]
         if keep is None:
             # nothing to resume: events of an earlier attempt would show as duplicate curves
-            shutil.rmtree(os.path.join(workdir, "tb"), ignore_errors=True)
-            for name in ("summary.json", *sorted(_export_names())):
+            shutil.rmtree(tb_dir, ignore_errors=True)
+            for name in (SUMMARY_FILE, *sorted(_export_names())):
                 if os.path.exists(os.path.join(workdir, name)):
                     os.remove(os.path.join(workdir, name))
         _replace_file(self.jsonl, lambda f: f.writelines(json.dumps(r) + "\n" for r in self.records))
         self._csv_columns: list[str] | None = None
         self._rewrite_csv()
-        self.tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
+        if keep is not None:
+            truncate_tensorboard(tb_dir, resume_round, self.records)
+        # the event file is opened at the first event (a finished run found again adds none);
+        # its own name: tensorboardX names files by the second, and a same name would truncate
+        self._tb_path = os.path.join(tb_dir, f"events.out.tfevents.{int(time.time()):010d}."
+                                             f"{socket.gethostname()}.{uuid.uuid4().hex[:8]}") \
+            if tensorboard else None
+        self._tb: EventFile | None = None
 
-            # purge_step: events of rounds after the checkpoint (from the interrupted
-            # attempt) are discarded by TensorBoard.
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"),
-                                    purge_step=None if resume_round is None else resume_round + 1,
-                                    flush_secs=30)
+    def _event_file(self) -> EventFile:
+        if self._tb is None:
+            os.makedirs(os.path.dirname(self._tb_path), exist_ok=True)
+            self._tb = EventFile(self._tb_path)
+        return self._tb
 
     def flush(self) -> None:
         """Called at checkpoints: events up to the checkpoint are on disk before it commits."""
-        if self.tb is not None:
-            self.tb.flush()
+        if self._tb is not None:
+            self._tb.flush(sync=True)
 
     def _rewrite_csv(self) -> None:
         def write(f):
@@ -239,9 +397,11 @@ class MetricsWriter:
 
     def round_scalars(self, round_done: int, scalars: dict[str, float]) -> None:
         """Per-round values (train loss, seconds, bytes) for TensorBoard."""
-        if self.tb is not None:
+        if self._tb_path is not None:
+            tb = self._event_file()
             for k, v in scalars.items():
-                self.tb.add_scalar(f"round/{k}", v, round_done)
+                tb.scalar(f"round/{k}", v, round_done)
+            tb.flush()  # visible to a running TensorBoard (not synced to disk)
 
     def evaluation(self, record: dict) -> None:
         self.records.append(record)
@@ -252,15 +412,18 @@ class MetricsWriter:
         else:
             with open(self.csv, "a", newline="") as f:
                 csv.DictWriter(f, self._csv_columns, extrasaction="ignore").writerow(_scalar_items(record))
-        if self.tb is not None:
+        if self._tb_path is not None:
+            tb = self._event_file()
             for k, v in _scalar_items(record).items():
                 if k != "round":
-                    self.tb.add_scalar(f"eval/{k}", v, record["round"])
+                    tb.scalar(f"eval/{k}", v, record["round"])
+            tb.flush()
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        self._tb_path = None
 
 
 def _export_names() -> set[str]:
@@ -276,7 +439,8 @@ class ExportLog:
 
     Keys: 'round' [E], each exported array stacked over evaluations [E, ...], plus the
     algorithm's constant metadata (e.g. pFedLA's alpha.npz: round [E], alpha [E, N, L, N],
-    retained [E, N, L], layers [L]). Rewritten atomically at checkpoints and at the end.
+    retained [E, N, L], layers [L]). Rewritten atomically at checkpoints and at the end (when
+    rows were added), and on resume when rows were dropped.
 
     Args:
       workdir: the run directory.
@@ -290,12 +454,15 @@ class ExportLog:
         self.metadata = metadata
         self.rounds: list[int] = []
         self.arrays: dict[str, list[np.ndarray]] = {}
+        self._saved = 0  # rows in the file (rows are only appended: same count, same file)
         if self.path and keep is not None and os.path.exists(self.path):
             with np.load(self.path) as z:
                 names = [k for k in z.files if k != "round" and k not in metadata]
+                self._saved = len(z["round"])
                 for i, r in enumerate(z["round"]):
                     if keep(int(r)):
                         self.append(int(r), {k: z[k][i] for k in names})
+            self.save()  # rows dropped by the resume leave the file now, not at a checkpoint
 
     def append(self, round_done: int, arrays: dict[str, np.ndarray]) -> None:
         if self.path is None or not arrays:
@@ -305,14 +472,34 @@ class ExportLog:
             self.arrays.setdefault(k, []).append(np.asarray(v))
 
     def save(self) -> None:
-        if self.path is None or not self.rounds:
+        if self.path is None or len(self.rounds) == self._saved:
             return
-        tmp = self.path[: -len(".npz")] + ".tmp.npz"
-        np.savez(tmp, round=np.array(self.rounds), **{k: np.stack(v) for k, v in self.arrays.items()},
-                 **self.metadata)
-        os.replace(tmp, self.path)  # never a half-written file
+        if not self.rounds:  # a resume that kept no row
+            os.remove(self.path)
+        else:
+            tmp = _temporary(self.path)
+            np.savez(tmp, round=np.array(self.rounds),
+                     **{k: np.stack(v) for k, v in self.arrays.items()}, **self.metadata)
+            os.replace(tmp, self.path)  # never a half-written file
+        self._saved = len(self.rounds)
 
 
 def write_summary(workdir: str, summary: dict) -> None:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    _replace_file(os.path.join(workdir, SUMMARY_FILE), lambda f: json.dump(summary, f, indent=2))
+
+
+def read_summary(workdir: str) -> dict | None:
+    """summary.json of a finished run, or None when absent or unreadable."""
+    try:
+        with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def remove_finished_outputs(workdir: str) -> None:
+    """Removes summary.json and plots/, which describe a run's end: called by a command that
+    runs rounds (a fresh start, a resume, an extension), so neither outlives its run."""
+    if os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
+        os.remove(os.path.join(workdir, SUMMARY_FILE))
+    shutil.rmtree(os.path.join(workdir, PLOTS_DIR), ignore_errors=True)
