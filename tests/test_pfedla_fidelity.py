@@ -18,12 +18,12 @@ from pfedla_jax.training.loop import build_experiment
 
 @pytest.fixture(scope="module")
 def fig5_run():
-    """pFedLA with its defaults (a larger hn_lr, to be short) on the Fig. 5 partition."""
+    """pFedLA with its defaults on the Fig. 5 partition (30 rounds: the early, gradual phase)."""
     cfg = ExperimentConfig(
         algorithm="pfedla", dataset="synthetic", synthetic_per_class=100, partition="fig5",
         num_clients=8, classes_per_client=4, samples_per_client=40, rounds=30, seed=0,
         train=LocalTrainConfig(batch_size=16, local_steps=10, lr=0.05),
-        algorithm_config=PFedLAConfig(hn_lr=0.3))
+        algorithm_config=PFedLAConfig(hn_lr=0.1))
     exp = build_experiment(cfg)
     algo = exp.algorithm
     state = algo.init(exp.keys.init)
@@ -90,11 +90,13 @@ def test_first_update_reference_makes_the_step_independent_of_the_client_step_si
 
 
 def test_reference_is_the_first_update_and_kept():
-    """delta_ref holds each client's first |delta|^2 per layer; later rounds leave it."""
+    """With --hn_delta_reference=first, delta_ref holds each client's first |delta|^2 per
+    layer; later rounds leave it (with the default, `current`, it stays zero)."""
     cfg = ExperimentConfig(
         algorithm="pfedla", dataset="synthetic", synthetic_per_class=30, num_clients=4,
         samples_per_client=40, rounds=3, seed=1, participation=0.5,
-        train=LocalTrainConfig(batch_size=8, local_steps=2, lr=0.05))
+        train=LocalTrainConfig(batch_size=8, local_steps=2, lr=0.05),
+        algorithm_config=PFedLAConfig(hn_delta_reference="first"))
     exp = build_experiment(cfg, RunOptions(client_parallelism="loop"))
     algo = exp.algorithm
     state = algo.init(exp.keys.init)

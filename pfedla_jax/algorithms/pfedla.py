@@ -51,7 +51,7 @@ SEMANTICS = ("synchronous", "sequential")
 HN_SIGNS = ("descent", "flbench")
 HN_OPTIMIZERS = ("sgd", "adam")
 COTANGENTS = ("model", "layer", "raw")
-DELTA_REFERENCES = ("first", "current")
+DELTA_REFERENCES = ("current", "first")
 
 
 def _flag(name: str, text: str) -> dict:
@@ -85,11 +85,13 @@ class PFedLAConfig:
         "(G = <theta_j, delta_i>, Eqs. 10-11 as in the public code: scales with the client lr "
         "and budget). BUILD_NOTES §4."))
 
-    hn_delta_reference: str = dataclasses.field(default="first", metadata=_flag(
+    hn_delta_reference: str = dataclasses.field(default="current", metadata=_flag(
         "hn_delta_reference", "the update size |delta_i| that --hn_cotangent=model|layer divides "
-        "by: first (the client's first update: the step starts at one size whatever the client "
-        "lr and budget, and shrinks as the client's updates shrink, as the raw rule's does) | "
-        "current (this round's: a constant-size step)."))
+        "by: current (default: this round's, a step of one size whatever the client lr and "
+        "budget) | first (the client's first update's: the step shrinks as the client's updates "
+        "shrink, as the raw rule's does; at a large client lr the first update, from the "
+        "random init, is so much larger than the later ones that alpha stays near uniform; "
+        "BUILD_NOTES §4)."))
 
     def validate(self) -> None:
         """Raises UserInputError on a bad option (heur_k's upper bound needs the model:
