@@ -222,13 +222,16 @@ class PFedLA(Algorithm):
                            self.config.hn_cotangent, self._mesh_of(client_params), delta_ref)
         return self._step_hypernetworks(hn_params, hn_opt_state, client_ids, cot)
 
-    def _delta_reference(self, stored, delta):
-        """(|delta|^2 [S, L] the cotangent divides by, the participants' new reference rows)."""
-        current = delta_sq_norms(delta, self.layer_map)
+    def _delta_reference(self, delta_ref, ids, delta):
+        """(|delta|^2 [S, L] the cotangent divides by, or None for this round's; the new
+        delta_ref [N_pad, L]). With the default reference ('current') delta_ref is untouched
+        (no rows taken or put); with 'first' a client's first update sets its row."""
         if self.config.hn_delta_reference == "current":
-            return current, stored
+            return None, delta_ref
+        stored = self.take(delta_ref, ids)
+        current = delta_sq_norms(delta, self.layer_map)
         ref = jnp.where(jnp.any(stored > 0, axis=1, keepdims=True), stored, current)
-        return ref, ref
+        return ref, self.put(delta_ref, ids, ref)
 
     def _on_every_device(self, fn):
         return on_every_device(fn, self.ctx.mesh)
@@ -306,11 +309,11 @@ class PFedLA(Algorithm):
         trained, stats, metrics = self.ctx.trainer.train(
             theta_bar, self.take(state["batch_stats"], ids), ids, key, data)
         delta = jax.tree.map(jnp.subtract, trained, theta_bar)
-        delta_ref, new_ref = self._delta_reference(self.take(state["delta_ref"], ids), delta)
+        delta_sq, delta_ref = self._delta_reference(state["delta_ref"], ids, delta)
         # the HN gradient uses the stored params that built theta_bar (before the write below)
         cot = hn_cotangent(state["client_params"], delta, self.layer_map, self.hn.num_clients,
                            retained, self.config.hn_cotangent, self._mesh_of(state["client_params"]),
-                           delta_ref)
+                           delta_sq)
         if whole:
             new_hn, new_opt = self._on_every_device(self._step_hypernetworks)(*hn_rows, ids, cot)
             hn_params, hn_opt = self.put((state["hn_params"], state["hn_opt_state"]), ids, (new_hn, new_opt))
@@ -322,7 +325,7 @@ class PFedLA(Algorithm):
             "batch_stats": self.put(state["batch_stats"], ids, stats),
             "hn_params": hn_params,
             "hn_opt_state": hn_opt,
-            "delta_ref": self.put(state["delta_ref"], ids, new_ref),
+            "delta_ref": delta_ref,
         }
         up, down = communication(self.layer_map.num_params, retained)
         return new_state, {**metrics, "bytes_up": up, "bytes_down": down}
