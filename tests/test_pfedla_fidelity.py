@@ -91,7 +91,7 @@ def test_first_update_reference_makes_the_step_independent_of_the_client_step_si
 
 def test_reference_is_the_first_update_and_kept():
     """With --hn_delta_reference=first, delta_ref holds each client's first |delta|^2 per
-    layer; later rounds leave it (with the default, `current`, it stays zero)."""
+    layer; later rounds leave it (the default, `current`, keeps no such entry)."""
     cfg = ExperimentConfig(
         algorithm="pfedla", dataset="synthetic", synthetic_per_class=30, num_clients=4,
         samples_per_client=40, rounds=3, seed=1, participation=0.5,

@@ -43,7 +43,7 @@ from pfedla_jax.core.aggregation import _alpha_cotangent, aggregate, alpha_cotan
 from pfedla_jax.core.client_parallel import CLIENT_AXIS, on_every_device
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.layers import GRANULARITIES, LayerMap, make_layer_map
-from pfedla_jax.errors import UserInputError
+from pfedla_jax.errors import UserInputError, check_choice
 from pfedla_jax.models.hypernetwork import (HNConfig, LayerWeightHypernetwork,
                                             init_hypernetworks, stacked_alpha)
 
@@ -97,27 +97,18 @@ class PFedLAConfig:
         """Raises UserInputError on a bad option (heur_k's upper bound needs the model:
         checked when the algorithm is built)."""
         self.hn.validate()
-        if self.semantics not in SEMANTICS:
-            raise UserInputError(f"unknown --round_semantics {self.semantics!r}; expected one of {', '.join(SEMANTICS)}")
-        if self.hn_sign not in HN_SIGNS:
-            raise UserInputError(f"unknown --hn_sign {self.hn_sign!r}; expected one of {', '.join(HN_SIGNS)}")
-        if self.hn_optimizer not in HN_OPTIMIZERS:
-            raise UserInputError(f"unknown --hn_optimizer {self.hn_optimizer!r}; expected one of {', '.join(HN_OPTIMIZERS)}")
-        if self.granularity not in GRANULARITIES:
-            raise UserInputError(f"unknown --alpha_granularity {self.granularity!r}; "
-                                 f"expected one of {', '.join(GRANULARITIES)}")
+        check_choice("round_semantics", self.semantics, SEMANTICS)
+        check_choice("hn_sign", self.hn_sign, HN_SIGNS)
+        check_choice("hn_optimizer", self.hn_optimizer, HN_OPTIMIZERS)
+        check_choice("alpha_granularity", self.granularity, GRANULARITIES)
+        check_choice("hn_cotangent", self.hn_cotangent, COTANGENTS)
+        check_choice("hn_delta_reference", self.hn_delta_reference, DELTA_REFERENCES)
         if not self.hn_lr >= 0 or not np.isfinite(self.hn_lr):
             raise UserInputError(f"--hn_lr must be >= 0, got {self.hn_lr}")
         if not 0 <= self.hn_momentum < 1:
             raise UserInputError(f"--hn_momentum must be in [0, 1), got {self.hn_momentum}")
         if self.heur_k < 0:
             raise UserInputError(f"--heur_k must be >= 0, got {self.heur_k}")
-        if self.hn_cotangent not in COTANGENTS:
-            raise UserInputError(f"unknown --hn_cotangent {self.hn_cotangent!r}; expected one of "
-                                 f"{', '.join(COTANGENTS)}")
-        if self.hn_delta_reference not in DELTA_REFERENCES:
-            raise UserInputError(f"unknown --hn_delta_reference {self.hn_delta_reference!r}; "
-                                 f"expected one of {', '.join(DELTA_REFERENCES)}")
 
 
 def make_hn_optimizer(cfg: PFedLAConfig) -> optax.GradientTransformation:
@@ -180,11 +171,13 @@ class PFedLA(Algorithm):
         k_hn = jax.random.fold_in(key, 1)
         hn_params = init_hypernetworks(self.hn, k_hn, self.ctx.num_clients)
         hn_opt = jax.vmap(self.hn_tx.init)(hn_params)
-        rows = jax.tree.leaves(params)[0].shape[0]
-        # per client and layer, |delta|^2 of its first update (0 = not yet participated)
-        delta_ref = jnp.zeros((rows, self.layer_map.num_layers), jnp.float32)
-        return {"client_params": params, "batch_stats": stats,
-                "hn_params": hn_params, "hn_opt_state": hn_opt, "delta_ref": delta_ref}
+        state = {"client_params": params, "batch_stats": stats,
+                 "hn_params": hn_params, "hn_opt_state": hn_opt}
+        if self.config.hn_delta_reference == "first":
+            # per client and layer, |delta|^2 of its first update (0 = not yet participated)
+            rows = jax.tree.leaves(params)[0].shape[0]
+            state["delta_ref"] = jnp.zeros((rows, self.layer_map.num_layers), jnp.float32)
+        return state
 
     # ------------------------------------------------------------------ server steps
     def _personalize(self, hn_params, client_params, client_ids):
@@ -222,16 +215,17 @@ class PFedLA(Algorithm):
                            self.config.hn_cotangent, self._mesh_of(client_params), delta_ref)
         return self._step_hypernetworks(hn_params, hn_opt_state, client_ids, cot)
 
-    def _delta_reference(self, delta_ref, ids, delta):
-        """(|delta|^2 [S, L] the cotangent divides by, or None for this round's; the new
-        delta_ref [N_pad, L]). With the default reference ('current') delta_ref is untouched
-        (no rows taken or put); with 'first' a client's first update sets its row."""
+    def _delta_reference(self, state, ids, delta):
+        """(|delta|^2 [S, L] the cotangent divides by, or None for this round's; the state
+        entries to update). Only `--hn_delta_reference=first` keeps `delta_ref` [N_pad, L]:
+        a client's first update sets its row."""
         if self.config.hn_delta_reference == "current":
-            return None, delta_ref
+            return None, {}
+        delta_ref = state["delta_ref"]
         stored = self.take(delta_ref, ids)
         current = delta_sq_norms(delta, self.layer_map)
         ref = jnp.where(jnp.any(stored > 0, axis=1, keepdims=True), stored, current)
-        return ref, self.put(delta_ref, ids, ref)
+        return ref, {"delta_ref": self.put(delta_ref, ids, ref)}
 
     def _on_every_device(self, fn):
         return on_every_device(fn, self.ctx.mesh)
@@ -309,7 +303,7 @@ class PFedLA(Algorithm):
         trained, stats, metrics = self.ctx.trainer.train(
             theta_bar, self.take(state["batch_stats"], ids), ids, key, data)
         delta = jax.tree.map(jnp.subtract, trained, theta_bar)
-        delta_sq, delta_ref = self._delta_reference(state["delta_ref"], ids, delta)
+        delta_sq, reference = self._delta_reference(state, ids, delta)
         # the HN gradient uses the stored params that built theta_bar (before the write below)
         cot = hn_cotangent(state["client_params"], delta, self.layer_map, self.hn.num_clients,
                            retained, self.config.hn_cotangent, self._mesh_of(state["client_params"]),
@@ -325,7 +319,7 @@ class PFedLA(Algorithm):
             "batch_stats": self.put(state["batch_stats"], ids, stats),
             "hn_params": hn_params,
             "hn_opt_state": hn_opt,
-            "delta_ref": delta_ref,
+            **reference,
         }
         up, down = communication(self.layer_map.num_params, retained)
         return new_state, {**metrics, "bytes_up": up, "bytes_down": down}

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pfedla_jax.errors import UserInputError
+from pfedla_jax.errors import UserInputError, check_choice
 from pfedla_jax.models.cnn import torch_default_uniform
 
 NORMALIZATIONS = ("relu", "softmax")
@@ -55,12 +55,8 @@ class HNConfig:
         return "zeros" if self.normalization == "softmax" else "uniform"
 
     def validate(self) -> None:
-        if self.normalization not in NORMALIZATIONS:
-            raise UserInputError(f"unknown --hn_normalization {self.normalization!r}; "
-                                 f"expected one of {', '.join(NORMALIZATIONS)}")
-        if self.head_init not in HEAD_INITS:
-            raise UserInputError(f"unknown --hn_head_init {self.head_init!r}; expected one of "
-                                 f"{', '.join(HEAD_INITS)}")
+        check_choice("hn_normalization", self.normalization, NORMALIZATIONS)
+        check_choice("hn_head_init", self.head_init, HEAD_INITS)
         if self.resolved_head_init == "zeros" and self.normalization == "relu":
             raise UserInputError(
                 "--hn_head_init=zeros needs --hn_normalization=softmax: ReLU of all-zero scores "
