@@ -23,7 +23,9 @@ def _rounds(algorithm: str, strategy: str, cohorts):
         algorithm=algorithm, dataset="synthetic", synthetic_per_class=30,
         num_clients=2 * devices + 1, samples_per_client=40, rounds=len(cohorts),
         partition="noniid1", classes_per_client=4, seed=5,
-        train=LocalTrainConfig(batch_size=8, local_steps=3, lr=0.02))
+        # FedRep splits local epochs (head, then body): 40 examples x 70% / 8 = 4 steps each
+        train=(LocalTrainConfig(batch_size=8, local_epochs=2, lr=0.02) if algorithm == "fedrep"
+               else LocalTrainConfig(batch_size=8, local_steps=3, lr=0.02)))
     exp = build_experiment(config, RunOptions(client_parallelism=strategy))
     algo = exp.algorithm
     state = algo.init(exp.keys.init)

@@ -161,3 +161,22 @@ def test_fig5_preset_is_the_paper_fig5_setting():
     assert (cfg.partition, cfg.num_clients, cfg.classes_per_client) == ("fig5", 8, 4)
     assert (cfg.rounds, cfg.train.local_epochs, cfg.train.lr, cfg.train.batch_size) == (600, 10, 0.005, 32)
     assert cfg.algorithm == "pfedla" and cfg.samples_per_client == 200
+
+
+@pytest.mark.parametrize("path", [p for p, n in zip(PRESETS, NAMES) if re.match(r"table[12]_", n)],
+                         ids=[n for n in NAMES if re.match(r"table[12]_", n)])
+def test_table_presets_list_every_built_method(path):
+    """Every Table 1/2 preset's header gives the command of every method of the paper's
+    table that this project has (FedBN where the model has BN), with the paper's number."""
+    from pfedla_jax.algorithms import algorithm_names
+
+    name = os.path.basename(path)[: -len(".flags")]
+    _, comments = _flag_lines(path)
+    commands = [c for c in comments if f"--flagfile=experiments/presets/{name}.flags" in c]
+    given = {m.group(1) for c in commands for m in [re.search(r"--algorithm=(\w+)", c)] if m}
+    expected = {"local", "fedavg", "fedrep", "pfedhn"} | ({"fedbn"} if "cifar" in name else set())
+    assert expected <= given, expected - given
+    assert given <= set(algorithm_names())
+    workdirs = [re.search(r"--workdir=(\S+)", c).group(1) for c in commands]
+    assert len(set(workdirs)) == len(workdirs), "one workdir per method"
+    assert any(c.startswith("# Paper, the baselines") and "FedRep" in c for c in comments)

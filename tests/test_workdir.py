@@ -262,3 +262,22 @@ def test_same_command_twice_then_overwrite_with_another_algorithm(tmp_path):
     assert len(wd.event_files(str(w / "tb"))) == 1
     paths = _plot(w, which=())
     assert sorted(os.listdir(w / "plots")) == ["accuracy.png", "label_histogram.png"], paths
+
+
+def test_checkpoint_of_another_state_structure_is_a_one_line_error(tmp_path):
+    """A checkpoint written with other state entries (e.g. by an older version that kept
+    pFedLA's delta_ref) is refused with a UserInputError naming the entry, not a raw orbax
+    ValueError."""
+    import jax.numpy as jnp
+
+    from pfedla_jax.errors import UserInputError
+
+    old = wd.Checkpoints(str(tmp_path), every=1)
+    old.save(1, {"client_params": jnp.ones(3), "delta_ref": jnp.zeros(2)}, {"k": np.ones(1)}, {"round": 1})
+    old.close()
+    new = wd.Checkpoints(str(tmp_path), every=1)
+    with pytest.raises(UserInputError, match="delta_ref.*another version"):
+        new.restore({"client_params": jnp.ones(3)})
+    step, state, _, _ = new.restore({"client_params": jnp.ones(3), "delta_ref": jnp.zeros(2)})
+    assert step == 1 and float(state["delta_ref"].sum()) == 0.0
+    new.close()

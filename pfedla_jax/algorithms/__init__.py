@@ -16,8 +16,11 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 from pfedla_jax.algorithms.fedavg import FedAvg  # noqa: E402
+from pfedla_jax.algorithms.fedbn import FedBN, FedBNConfig  # noqa: E402
+from pfedla_jax.algorithms.fedrep import FedRep, FedRepConfig  # noqa: E402
 from pfedla_jax.algorithms.local import Local  # noqa: E402
 from pfedla_jax.algorithms.pfedla import PFedLA, PFedLAConfig  # noqa: E402
 
-__all__ = ["Algorithm", "Evaluation", "FLContext", "FedAvg", "Local", "NoConfig", "PFedLA",
-           "PFedLAConfig", "algorithm_class", "algorithm_names", "register"]
+__all__ = ["Algorithm", "Evaluation", "FLContext", "FedAvg", "FedBN", "FedBNConfig", "FedRep",
+           "FedRepConfig", "Local", "NoConfig", "PFedLA", "PFedLAConfig", "algorithm_class",
+           "algorithm_names", "register"]

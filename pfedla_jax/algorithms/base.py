@@ -183,6 +183,10 @@ class Algorithm(abc.ABC):
         (e.g. a personalisation step on a drawn batch).
         """
 
+    def describe(self) -> str:
+        """A note for the run's first log line (e.g. 'FedBN is FedAvg here'); '' for none."""
+        return ""
+
     def export_metadata(self) -> dict[str, np.ndarray]:
         """Constant arrays stored beside the exported ones (e.g. pFedLA's layer names)."""
         return {}

@@ -1,4 +1,4 @@
-"""FedAvg (McMahan et al., 2017).
+"""FedAvg (McMahan et al., 2017), and the partial-sharing FedAvg that FedBN and FedRep are.
 
 Each round: the participants start from the global model, train locally, and the server
 sets the global model to their average weighted by training-set size. BN running
@@ -6,22 +6,74 @@ statistics stay with each client (never aggregated), as in every algorithm here.
 
 Evaluated two ways: '' = the global model on every client's test split (with that
 client's BN statistics), 'local' = each client's model after its latest local training.
+
+`FedAvg.local_layers()` names top-level layers that stay with each client instead (none
+in FedAvg): a participant starts from the global model's shared layers and its OWN
+stored local layers, only the shared layers are averaged and sent, and the personalised
+model ('') is the global shared layers with the client's own local layers. FedBN
+(fedbn.py: the BN layers) and FedRep (fedrep.py: the head) are this with a different
+`local_layers()` (baselines digest §3.5: one code path, parameterised by what is local).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
+import jax
 import jax.numpy as jnp
 
 from pfedla_jax.algorithms.base import Algorithm, Evaluation
 from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.aggregation import weighted_average
 from pfedla_jax.core.evaluation import View
+from pfedla_jax.models import init_variables
 
 
 @register("fedavg")
 class FedAvg(Algorithm):
     server_state_keys = ("global_params",)
 
+    # ------------------------------------------------------------------ what subclasses set
+    def local_layers(self) -> tuple[str, ...]:
+        """Top-level layers kept by each client, never averaged (FedAvg: none)."""
+        return ()
+
+    @functools.cached_property
+    def trainer(self):
+        """The local trainer (FedAvg: the experiment's plain SGD trainer)."""
+        return self.ctx.trainer
+
+    def aggregation_weights(self, data, client_ids) -> jax.Array:
+        """float32 [S]: the participants' weights in the average (train-set sizes)."""
+        return jnp.take(data.train_count, client_ids).astype(jnp.float32)
+
+    # ------------------------------------------------------------------ shared/local split
+    @functools.cached_property
+    def is_local(self) -> dict:
+        """{layer: {leaf: bool}}: True for the leaves of the local layers."""
+        local = set(self.local_layers())
+        shapes = jax.eval_shape(lambda: init_variables(self.ctx.model, jax.random.key(0),
+                                                       self.ctx.input_shape))["params"]
+        return {layer: jax.tree.map(lambda _: layer in local, leaves) for layer, leaves in shapes.items()}
+
+    @functools.cached_property
+    def shared_bytes(self) -> int:
+        """Bytes of the shared (averaged, communicated) part of one model."""
+        shapes = jax.eval_shape(lambda: init_variables(self.ctx.model, jax.random.key(0),
+                                                       self.ctx.input_shape))["params"]
+        sizes = jax.tree.map(lambda a, local: 0 if local else math.prod(a.shape) * a.dtype.itemsize,
+                             shapes, self.is_local)
+        return int(sum(jax.tree.leaves(sizes)))
+
+    def personalized(self, global_params, client_params):
+        """The global shared leaves with each client's own local leaves: [K, ...] like
+        `client_params` (FedBN/FedRep's starting point and evaluated model)."""
+        rows = jax.tree.leaves(client_params)[0].shape[0]
+        return jax.tree.map(lambda g, c, local: c if local else jnp.broadcast_to(g, (rows,) + g.shape),
+                            global_params, client_params, self.is_local)
+
+    # ------------------------------------------------------------------ the algorithm
     def init_state(self, key):
         params, stats = self.ctx.init_client_variables(key)
         # With --init=independent the clients' first models differ; the global model is
@@ -31,19 +83,29 @@ class FedAvg(Algorithm):
                 "client_params": params, "batch_stats": stats}
 
     def round_step(self, state, round_idx, client_ids, key, data):
-        # every participant starts from the global model (passed once, not S copies)
-        params, stats, metrics = self.ctx.trainer.train(
-            state["global_params"], self.take(state["batch_stats"], client_ids), client_ids,
-            key, data, shared_params=True)
-        weights = jnp.take(data.train_count, client_ids).astype(jnp.float32)
+        stats = self.take(state["batch_stats"], client_ids)
+        if not self.local_layers():
+            # every participant starts from the global model (passed once, not S copies)
+            params, stats, metrics = self.trainer.train(
+                state["global_params"], stats, client_ids, key, data, shared_params=True)
+        else:
+            start = self.personalized(state["global_params"], self.take(state["client_params"], client_ids))
+            params, stats, metrics = self.trainer.train(start, stats, client_ids, key, data)
+        average = weighted_average(params, self.aggregation_weights(data, client_ids))
         new_state = {
-            "global_params": weighted_average(params, weights),
+            # local leaves of the global model are never used: they keep their initial value
+            "global_params": jax.tree.map(lambda g, a, local: g if local else a,
+                                          state["global_params"], average, self.is_local),
             "client_params": self.put(state["client_params"], client_ids, params),
             "batch_stats": self.put(state["batch_stats"], client_ids, stats),
         }
-        model = jnp.full(client_ids.shape, self.ctx.model_bytes, jnp.int32)
+        model = jnp.full(client_ids.shape, self.shared_bytes, jnp.int32)
         return new_state, {**metrics, "bytes_up": model, "bytes_down": model}
 
     def evaluate(self, state, round_idx, key):
-        return Evaluation({"": View(state["global_params"], state["batch_stats"], shared=True),
-                           "local": View(state["client_params"], state["batch_stats"])})
+        if self.local_layers():
+            personal = View(self.personalized(state["global_params"], state["client_params"]),
+                            state["batch_stats"])
+        else:
+            personal = View(state["global_params"], state["batch_stats"], shared=True)
+        return Evaluation({"": personal, "local": View(state["client_params"], state["batch_stats"])})

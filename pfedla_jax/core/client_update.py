@@ -12,9 +12,10 @@ cohort through `for_each_client`.
     out    = finalize(carry, shared, client)              # what the client returns
 
 `sgd_update` is the cross-entropy SGD instance (the paper's client update, and FedAvg's,
-Local's, pFedLA's), with an optional per-leaf trainable mask built from optax's
-`multi_transform` + `set_to_zero` (frozen leaves get a zero update and no optimizer state
-changes, e.g. FedRep's head/body phases or a frozen classifier).
+Local's, pFedLA's), with an optional trainable mask built from optax's `partition`
+(frozen leaves get a zero update and their optimizer state does not advance): one
+per-leaf mask for all steps (e.g. a frozen classifier), or `PhaseMasks`, one mask per
+phase of the local epochs (e.g. FedRep's head epochs, then body epochs).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -35,11 +37,14 @@ class Batch(NamedTuple):
       x: float32 [k, B, H, W, C], normalised images.
       y: int32 [k, B] labels.
       mask: float32 [k, B], 1 for real examples, 0 for the padding of a partial batch.
+      epoch: int32 scalar, the local epoch (0-based) of the step's first minibatch (epochs
+        are counted in the client's own batches, ceil(train examples / B) per epoch).
     """
 
     x: jax.Array
     y: jax.Array
     mask: jax.Array
+    epoch: jax.Array | int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +72,66 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array):
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
+@dataclasses.dataclass(frozen=True)
+class PhaseMasks:
+    """Trainable masks that change with the local epoch: phase p covers `epochs[p]` epochs.
+
+    A step of local epoch e is in phase p when sum(epochs[:p]) <= e < sum(epochs[:p+1]);
+    steps past the last phase stay in it. In a phase, the leaves its mask marks False get a
+    zero update and their optimizer state does not advance (each leaf's optimizer state
+    persists across the phases it trains in: one optimizer, gated per phase).
+
+    Attributes:
+      trainable: one mask per phase: a pytree of bools with the params' structure, or a
+        callable params -> such a pytree.
+      epochs: int >= 0 per phase, the local epochs it lasts (a phase of 0 epochs is skipped).
+
+    Raises:
+      ValueError: a different number of masks and phases, or a negative phase length.
+
+    Example (FedRep, Collins et al. 2021, Alg. 1: head epochs with the body frozen, then
+    body epochs with the head frozen):
+      PhaseMasks((is_head, is_body), epochs=(local_epochs - 1, 1))
+    """
+
+    trainable: tuple
+    epochs: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.trainable) != len(self.epochs) or not self.epochs:
+            raise ValueError(f"PhaseMasks needs one mask per phase; got {len(self.trainable)} "
+                             f"masks for {len(self.epochs)} phases")
+        if any(int(e) < 0 for e in self.epochs):
+            raise ValueError(f"phase lengths must be >= 0 epochs, got {self.epochs}")
+
+    def phase(self, epoch) -> jax.Array:
+        """int32 scalar: the phase of a step of local epoch `epoch` (traceable)."""
+        bounds = jnp.asarray(np.cumsum(self.epochs)[:-1], jnp.int32)
+        return jnp.sum(jnp.asarray(epoch, jnp.int32) >= bounds).astype(jnp.int32)
+
+    def masks(self, params) -> list:
+        return [m(params) if callable(m) else m for m in self.trainable]
+
+
+def _phase_gated(optimizer: optax.GradientTransformation, phases: tuple[int, ...]
+                 ) -> optax.GradientTransformationExtraArgs:
+    """`optimizer` while the `phase` extra argument is one of `phases`; frozen otherwise.
+
+    Frozen = zero updates and the optimizer state kept as it was (selected with jnp.where:
+    bit-identical, no retrace per phase).
+    """
+    inner = optax.with_extra_args_support(optimizer)
+
+    def update(updates, state, params=None, *, phase=0, **extra_args):
+        new_updates, new_state = inner.update(updates, state, params)
+        on = jnp.any(jnp.asarray(phase) == jnp.asarray(phases))
+        new_updates = jax.tree.map(lambda u: jnp.where(on, u, jnp.zeros_like(u)), new_updates)
+        new_state = jax.tree.map(lambda n, o: jnp.where(on, n, o), new_state, state)
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
 def masked_optimizer(optimizer: optax.GradientTransformation, trainable: Any | None
                      ) -> optax.GradientTransformation:
     """`optimizer` on the leaves where `trainable` is True; zero updates elsewhere.
@@ -74,18 +139,33 @@ def masked_optimizer(optimizer: optax.GradientTransformation, trainable: Any | N
     Args:
       optimizer: the optax transformation of the trainable leaves.
       trainable: None (every leaf trains), a pytree of bools with the params' structure,
-        or a callable params -> such a pytree.
+        a callable params -> such a pytree, or `PhaseMasks` (then `update` takes the extra
+        argument `phase=`, an int32 scalar: `PhaseMasks.phase(batch.epoch)`).
     Returns:
-      An optax transformation (optax.multi_transform with set_to_zero for frozen leaves).
+      An optax transformation (optax.partition: the trainable leaves under `optimizer`,
+      gated per phase for PhaseMasks; frozen leaves under set_to_zero, without state).
     """
     if trainable is None:
         return optimizer
+    if not isinstance(trainable, PhaseMasks):
+        def labels(params):
+            mask = trainable(params) if callable(trainable) else trainable
+            return jax.tree.map(lambda t: "train" if t else "freeze", mask)
 
-    def labels(params):
-        mask = trainable(params) if callable(trainable) else trainable
-        return jax.tree.map(lambda t: "train" if t else "freeze", mask)
+        return optax.partition({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
 
-    return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+    num = len(trainable.epochs)
+
+    def phase_labels(params):
+        # a leaf's label: the phases it trains in ('0', '1', '0,1', ...) or 'freeze'
+        per_phase = trainable.masks(params)
+        return jax.tree.map(
+            lambda *on: ",".join(str(p) for p in range(num) if on[p]) or "freeze", *per_phase)
+
+    groups = {",".join(str(p) for p in range(num) if bits >> p & 1) for bits in range(1, 2 ** num)}
+    transforms = {g: _phase_gated(optimizer, tuple(int(p) for p in g.split(","))) for g in groups}
+    transforms["freeze"] = optax.set_to_zero()
+    return optax.partition(transforms, phase_labels)
 
 
 def sgd_update(model, optimizer: optax.GradientTransformation, *,
@@ -102,9 +182,11 @@ def sgd_update(model, optimizer: optax.GradientTransformation, *,
       model: a Flax module called as model.apply(variables, x, train=True, mask=mask,
         mutable=['batch_stats']) -> (logits, new_vars).
       optimizer: the client optimizer.
-      trainable: optional per-leaf mask (see `masked_optimizer`).
+      trainable: optional mask of the trainable leaves, one for all steps or one per
+        phase of the local epochs (`PhaseMasks`; see `masked_optimizer`).
     """
     tx = masked_optimizer(optimizer, trainable)
+    phased = isinstance(trainable, PhaseMasks)
 
     def init(shared, client, client_id, key):
         params = client["params"] if shared is None else shared
@@ -121,7 +203,11 @@ def sgd_update(model, optimizer: optax.GradientTransformation, *,
             return loss_total / jnp.maximum(count, 1.0), (loss_total, count, new_vars)
 
         grads, (loss_total, count, new_vars) = jax.grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        if phased:
+            updates, opt_state = tx.update(grads, opt_state, params,
+                                           phase=trainable.phase(batch.epoch))
+        else:
+            updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return (params, new_vars.get("batch_stats", batch_stats), opt_state), (loss_total, count)
 

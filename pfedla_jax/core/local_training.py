@@ -61,7 +61,8 @@ class LocalTrainConfig:
 
 
 def make_optimizer(config: LocalTrainConfig) -> optax.GradientTransformation:
-    """The client optimizer: SGD with optional momentum, optional decoupled weight decay."""
+    """The client optimizer: SGD with optional momentum and L2 weight decay (added to the
+    gradient before momentum, as torch.optim.SGD(weight_decay=...))."""
     parts = []
     if config.weight_decay > 0:
         parts.append(optax.add_decayed_weights(config.weight_decay))
@@ -158,6 +159,12 @@ class ClientTrainer:
         self._map = for_each_client(self._client_fn, self.strategy, self.mesh, negative_ids=False)
         self._jitted: dict[str, Any] = {}
 
+    def with_update(self, update: ClientUpdate) -> "ClientTrainer":
+        """A trainer of the same data, config, strategy and mesh running `update` instead
+        (e.g. an algorithm's own local objective or trainable mask); the client data
+        already placed on the mesh is reused, not copied."""
+        return ClientTrainer(self.model, self.store, self.config, self.strategy, update=update)
+
     # ------------------------------------------------------------------ one client
     def live_steps(self, client_id, store: ClientStore):
         """The client's own number of steps (int32, traceable)."""
@@ -207,12 +214,14 @@ class ClientTrainer:
         store, start = shared
         idx, mask, live = self._plan(client_id, round_key, store)
         carry = self.update.init(start, client, client_id, jax.random.fold_in(round_key, client_id))
+        k = self.update.batches_per_step
+        batches_per_epoch = (store.train_count[client_id] + self.config.batch_size - 1) // self.config.batch_size
 
         def body(t, c):
             carry, loss_sum, seen = c
             rows, m = idx[t], mask[t].astype(jnp.float32)
             batch = Batch(normalize_images(store.images[rows], store.mean, store.std),
-                          store.labels[rows], m)
+                          store.labels[rows], m, ((t * k) // batches_per_epoch).astype(jnp.int32))
             carry, (loss, count) = self.update.step(carry, batch)
             return carry, loss_sum + loss, seen + count
 

@@ -278,6 +278,32 @@ def layer_names(model: CNNTarget) -> tuple[str, ...]:
     return tuple(n for n in LAYER_ORDER if model.use_bn or not n.startswith("BN"))
 
 
+def batchnorm_layers(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[str, ...]:
+    """Top-level layers of `model` that are BatchNorm modules, found by module type.
+
+    Detected by intercepting the module calls of an abstract init (no FLOPs): any instance
+    of this package's `BatchNorm` or of `flax.linen.BatchNorm` counts, whatever its name
+    (FedBN keeps these layers with each client; matching names like 'bn' is what the
+    reference code does and what breaks on renamed modules).
+
+    Returns:
+      The names, e.g. ('BN1', 'BN2') for the CIFAR model; () for a model without BN.
+    """
+    found: list[str] = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, (BatchNorm, nn.BatchNorm)) and module.path and module.path[0] not in found:
+            found.append(module.path[0])
+        return next_fun(*args, **kwargs)
+
+    shape = check_input_shape(input_shape)
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + shape, jnp.float32),
+                                          train=False))
+    return tuple(found)
+
+
 @functools.lru_cache(maxsize=32)
 def _jitted_init(model: CNNTarget) -> Callable[..., Any]:
     # Compiling the init (10 threefry draws) takes seconds on CPU, about as long as eager

@@ -89,6 +89,10 @@ class ExperimentConfig:
             raise UserInputError(f"--samples_per_client must be >= 0, got {self.samples_per_client}")
         self.train.validate()
         self.algorithm_config.validate()
+        # options that must fit the local training (e.g. FedRep's head/body epoch split)
+        fits = getattr(self.algorithm_config, "validate_training", None)
+        if fits is not None:
+            fits(self.train)
 
     @property
     def clients_per_round(self) -> int:

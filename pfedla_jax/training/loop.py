@@ -381,6 +381,7 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
         f"({config.clients_per_round}/round), train/test per client {int(train_counts.mean())}/"
         f"{int(test_counts.mean())}, {ctx.model_params} params, {ctx.trainer.num_steps} local "
         f"steps/round, strategy={ctx.trainer.strategy}"
+        + (f"; {exp.algorithm.describe()}" if exp.algorithm.describe() else "")
         + (f"; resumed after round {run.resumed_from}" if run.resumed_from else ""))
     t_start = time.perf_counter()
     try:

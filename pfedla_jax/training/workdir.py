@@ -138,8 +138,9 @@ class Checkpoints:
 
         self._ocp = ocp
         self.every = every
+        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+            self.directory,
             # cleanup_tmp_directories: a save cut by an interruption leaves a temporary
             # directory that no later save of this run may replace
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -167,12 +168,26 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def restore(self, state_like: Any) -> tuple[int, Any, dict, dict]:
-        """(round, state, arrays, meta) of the latest checkpoint; state shaped like `state_like`."""
+        """(round, state, arrays, meta) of the latest checkpoint; state shaped like `state_like`.
+
+        Raises:
+          UserInputError: the checkpoint's state does not have this algorithm's structure
+            (e.g. written by an older version of the package with other state entries).
+        """
         ocp = self._ocp
         step = self.manager.latest_step()
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(state_like), arrays=ocp.args.StandardRestore(),
-            meta=ocp.args.JsonRestore()))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(state_like), arrays=ocp.args.StandardRestore(),
+                meta=ocp.args.JsonRestore()))
+        except ValueError as err:
+            if "tree structures do not match" not in str(err):
+                raise
+            first = str(err).splitlines()[1:2]
+            raise UserInputError(
+                f"the checkpoint of round {step} in {self.directory} holds a state of another "
+                f"structure than this run's ({first[0].strip().rstrip(':') if first else 'entries differ'}: "
+                f"written by another version?); resume with that version or use a new --workdir") from None
         # Orbax returns arrays committed to a device; a fresh run's state is uncommitted and
         # may be placed anywhere (e.g. split over the host devices by the 'shard' strategy).
         # The host round trip copies the bits exactly.
