@@ -3,8 +3,10 @@
   model.py         CNNTarget (nn.Module) + weight converters to/from pfedla_jax's layout
   hypernetwork.py  LayerWeightHypernetwork (nn.Module) + converters
   fl.py            ClientData, batch orders, train_client, FedAvgServer, PFedLAServer
+  pfedhn.py        pFedHN: CNNHyper (nn.Module), PFedHNServer + hypernetwork converters
+  fedrep.py        FedRep: FedRepServer (head epochs, then body epochs; body averaged)
 
-The parity test (tests/test_torch_parity.py) checks one round of each against the JAX
+The parity tests (tests/test_torch_parity*.py) check one or two rounds of each against the JAX
 implementation from identical weights and the identical batch order.
 """
 
@@ -25,7 +27,14 @@ from experiments.torch_baseline.hypernetwork import (
     hn_from_jax,
     hn_to_jax,
 )
+from experiments.torch_baseline.fedrep import FedRepServer, train_phase
 from experiments.torch_baseline.model import CNNTarget, params_from_jax, params_to_jax
+from experiments.torch_baseline.pfedhn import (
+    CNNHyper,
+    PFedHNServer,
+    pfedhn_from_jax,
+    pfedhn_to_jax,
+)
 
 __all__ = [
     "BatchOrder", "CNNTarget", "ClientData", "FedAvgServer", "LayerWeightHypernetwork",
@@ -33,3 +42,5 @@ __all__ = [
     "init_client_states", "params_from_jax", "params_to_jax", "shuffled_batches",
     "synthetic_client_data", "train_client",
 ]
+__all__ += ["CNNHyper", "FedRepServer", "PFedHNServer", "pfedhn_from_jax", "pfedhn_to_jax",
+            "train_phase"]
