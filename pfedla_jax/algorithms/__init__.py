@@ -17,10 +17,15 @@ for _module in pkgutil.iter_modules(__path__):
 
 from pfedla_jax.algorithms.fedavg import FedAvg  # noqa: E402
 from pfedla_jax.algorithms.fedbn import FedBN, FedBNConfig  # noqa: E402
+from pfedla_jax.algorithms.fedfomo import FedFomo, FedFomoConfig  # noqa: E402
 from pfedla_jax.algorithms.fedrep import FedRep, FedRepConfig  # noqa: E402
 from pfedla_jax.algorithms.local import Local  # noqa: E402
+from pfedla_jax.algorithms.perfedavg import PerFedAvg, PerFedAvgConfig  # noqa: E402
+from pfedla_jax.algorithms.pfedhn import PFedHN, PFedHNConfig  # noqa: E402
 from pfedla_jax.algorithms.pfedla import PFedLA, PFedLAConfig  # noqa: E402
+from pfedla_jax.algorithms.pfedme import PFedMe, PFedMeConfig  # noqa: E402
 
-__all__ = ["Algorithm", "Evaluation", "FLContext", "FedAvg", "FedBN", "FedBNConfig", "FedRep",
-           "FedRepConfig", "Local", "NoConfig", "PFedLA", "PFedLAConfig", "algorithm_class",
-           "algorithm_names", "register"]
+__all__ = ["Algorithm", "Evaluation", "FLContext", "FedAvg", "FedBN", "FedBNConfig", "FedFomo",
+           "FedFomoConfig", "FedRep", "FedRepConfig", "Local", "NoConfig", "PFedHN", "PFedHNConfig",
+           "PFedLA", "PFedLAConfig", "PFedMe", "PFedMeConfig", "PerFedAvg", "PerFedAvgConfig",
+           "algorithm_class", "algorithm_names", "register"]
