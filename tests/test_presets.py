@@ -174,9 +174,9 @@ def test_table_presets_list_every_built_method(path):
     _, comments = _flag_lines(path)
     commands = [c for c in comments if f"--flagfile=experiments/presets/{name}.flags" in c]
     given = {m.group(1) for c in commands for m in [re.search(r"--algorithm=(\w+)", c)] if m}
-    expected = {"local", "fedavg", "fedrep", "pfedhn"} | ({"fedbn"} if "cifar" in name else set())
+    expected = {"local", "fedavg", "fedrep", "pfedhn", "perfedavg", "pfedme", "fedfomo"} | ({"fedbn"} if "cifar" in name else set())
     assert expected <= given, expected - given
     assert given <= set(algorithm_names())
     workdirs = [re.search(r"--workdir=(\S+)", c).group(1) for c in commands]
     assert len(set(workdirs)) == len(workdirs), "one workdir per method"
-    assert any(c.startswith("# Paper, the baselines") and "FedRep" in c for c in comments)
+    assert any(c.startswith("# Paper, the baselines") and "FedFomo" in c for c in comments)
