@@ -1,4 +1,4 @@
-"""Every cohort size on every algorithm finishes under `shard` and equals `loop` (issue 13 §1).
+"""Cohort sizes on every algorithm finish under `shard` and equal `loop` (issue 13 §1).
 
 The old engine could deadlock (an all-gather that never completed) when a round's cohort did
 not divide over the host devices: a client-sharded array was padded, sliced and then mixed
@@ -44,8 +44,12 @@ def test_every_cohort_size_under_shard_equals_loop(algorithm):
     assert devices == 2, "conftest splits the host into two devices"
     n = 2 * devices + 1
     rng = np.random.default_rng(0)
-    # sizes 1..2D+1, each a random subset (sorted, as the participation schedule draws them)
-    cohorts = [np.sort(rng.choice(n, size, replace=False)) for size in range(1, n + 1)]
+    # sizes 1..2D+1, each a random subset (sorted, as the participation schedule draws them).
+    # Every size compiles its own round, so the algorithms added on the same engine paths
+    # after issue 13 run the sizes that do not divide over the devices (1, D+1, 2D+1: where
+    # the padding and the split happen) and the three of issue 13 run them all.
+    sizes = range(1, n + 1) if algorithm in ("local", "fedavg", "pfedla") else range(1, n + 1, 2)
+    cohorts = [np.sort(rng.choice(n, size, replace=False)) for size in sizes]
     shard_state, shard_infos, shard_record, stored = _rounds(algorithm, "shard", cohorts)
     loop_state, loop_infos, loop_record, _ = _rounds(algorithm, "loop", cohorts)
     assert stored >= n
