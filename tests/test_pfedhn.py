@@ -246,7 +246,7 @@ def test_sequential_round_equals_a_python_loop_of_single_client_steps():
     order, key = np.array([2, 0, 1]), jax.random.PRNGKey(7)
     new_state, info = algo.round(state, 0, order, key)
 
-    trainer, tx = algo.ctx.trainer, make_hn_optimizer(cfg)
+    trainer, tx = algo.trainer, make_hn_optimizer(cfg)
 
     @jax.jit
     def hn_step(phi, opt, ids, theta, trained):
@@ -295,7 +295,7 @@ def test_the_hypernetwork_step_is_descent_on_the_clients_loss():
 
     before, ids = state["hn_params"], jnp.array([cid], jnp.int32)
     theta = algo.generate(before, ids)
-    trained, _, _ = algo.ctx.trainer.train(theta, {}, ids, jax.random.PRNGKey(5))
+    trained, _, _ = algo.trainer.train(theta, {}, ids, jax.random.PRNGKey(5))
     after, _ = jax.jit(algo.server_update)(before, state["hn_opt_state"], ids, theta, trained)
     backwards = jax.tree.map(lambda a, b: 2 * a - b, before, after)
     l0, l1, l_back = float(loss(before)), float(loss(after)), float(loss(backwards))
@@ -347,3 +347,22 @@ def test_cli_bad_hypernetwork_size_is_one_line_error(tmp_path):
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "--pfedhn_hidden_dim" in err[0], p.stderr[-2000:]
+
+
+def test_client_gradient_clip_bounds_each_local_step():
+    """--pfedhn_client_clip (official clip_grad_norm_(net.parameters(), 50) at every local
+    step): with a tiny clip, one full-batch step moves each client's model by exactly
+    lr * clip (the gradient's norm is far above it); with 0 the plain trainer runs."""
+    clip = 1e-3
+    algo = _algo(PFedHNConfig(client_clip=clip))
+    assert algo.trainer is not algo.ctx.trainer
+    assert _algo(PFedHNConfig(client_clip=0.0)).trainer is algo.ctx.trainer
+    state = algo.init(jax.random.PRNGKey(4))
+    ids = jnp.array([0, 2], jnp.int32)
+    theta = algo.generate(state["hn_params"], ids)
+    clipped, _, _ = algo.trainer.train(theta, {}, ids, jax.random.PRNGKey(5))
+    plain, _, _ = algo.ctx.trainer.train(theta, {}, ids, jax.random.PRNGKey(5))
+    norm = lambda a, b: np.sqrt(sum(np.sum((np.asarray(x) - np.asarray(y)) ** 2, axis=tuple(range(1, x.ndim)))
+                                    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+    np.testing.assert_allclose(norm(clipped, theta), [0.1 * clip] * 2, rtol=1e-3)
+    assert np.all(norm(plain, theta) > 100 * 0.1 * clip)

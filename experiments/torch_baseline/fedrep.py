@@ -3,8 +3,8 @@
 The PyTorch reference of `pfedla_jax/algorithms/fedrep.py`, written the way a PyTorch user
 would (not a translation of the stacked JAX engine): one `nn.Module` reused for every
 client, clients trained one after another, the frozen part switched off with
-`requires_grad_(False)` and a fresh `torch.optim.SGD` over the trainable parameters of
-each phase, the server holding state_dicts and averaging them in Python loops.
+`requires_grad_(False)` and a fresh `torch.optim.SGD` per phase (frozen parameters get no
+gradient and are skipped), the server holding state_dicts and averaging them in Python loops.
 
 Semantics (paper Alg. 1; official code lgcollins/FedRep `main_fedrep.py`,
 `models/Update.py`; FL-bench `src/{client,server}/fedrep.py`; baselines digest §4):
@@ -62,7 +62,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from experiments.torch_baseline.fl import (
@@ -71,6 +70,7 @@ from experiments.torch_baseline.fl import (
     LocalConfig,
     _Server,
     clone_state,
+    train_client,
 )
 
 
@@ -78,30 +78,19 @@ def train_phase(model: nn.Module, data: ClientData, batches: Iterable[torch.Tens
                 trainable: Sequence[str], config: LocalConfig) -> tuple[float, int]:
     """Local SGD on the parameters named `trainable` only, the others frozen; in place.
 
-    A fresh torch.optim.SGD over the trainable parameters. Returns (sum of per-example
-    losses, examples seen); empty batches are skipped.
+    `train_client` (a fresh torch.optim.SGD, BN statistics updating in train mode) with
+    `requires_grad_(False)` on the frozen parameters: they get no gradient, so SGD skips them
+    (no update, no momentum buffer, no weight decay; PyTorch >= 2). Returns (sum of
+    per-example losses, examples seen); empty batches are skipped.
     """
     trainable = set(trainable)
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
-    params = [p for name, p in model.named_parameters() if name in trainable]
-    model.train()  # BN running statistics update in every phase
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    loss_sum, seen = 0.0, 0
-    for idx in batches:
-        if len(idx) == 0:  # padding step: nothing to train on
-            continue
-        x, y = data.images[idx], data.labels[idx]
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.item() * len(idx)
-        seen += len(idx)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return loss_sum, seen
+    try:
+        return train_client(model, data, batches, config)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
 
 
 class FedRepServer(_Server):

@@ -63,7 +63,7 @@ import numpy as np
 from pfedla_jax.algorithms.base import Algorithm, Evaluation, FLContext
 from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.aggregation import weighted_average
-from pfedla_jax.core.client_update import Batch, ClientUpdate, masked_cross_entropy
+from pfedla_jax.core.client_update import Batch, ClientUpdate, masked_cross_entropy, mean_batch_loss
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.errors import UserInputError, check_choice
@@ -158,13 +158,7 @@ def perfedavg_update(model, *, alpha: float, beta: float, variant: str = "fo",
         raise ValueError(f"variant must be one of {VARIANTS} and hessian one of {HESSIANS}; "
                          f"got {variant!r}, {hessian!r}")
 
-    def mean_loss(params, batch_stats, x, y, mask):
-        out, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                    train=True, mask=mask, mutable=["batch_stats"])
-        total, count = loss(out, y, mask)
-        return total / jnp.maximum(count, 1.0), (total, count, new_vars.get("batch_stats", batch_stats))
-
-    grad = jax.grad(mean_loss, has_aux=True)
+    grad = jax.grad(mean_batch_loss(model, loss), has_aux=True)
 
     def init(shared, client, client_id, key):
         params = client["params"] if shared is None else shared

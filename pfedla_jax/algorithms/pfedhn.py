@@ -51,6 +51,7 @@ permutation of each head's output rows (experiments/torch_baseline/pfedhn.py con
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -62,6 +63,8 @@ import optax
 
 from pfedla_jax.algorithms.base import Algorithm, Evaluation, FLContext
 from pfedla_jax.algorithms.registry import register
+from pfedla_jax.core.client_update import sgd_update
+from pfedla_jax.core.local_training import make_optimizer
 from pfedla_jax.core.client_parallel import on_every_device
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.stacking import broadcast_clients
@@ -97,6 +100,10 @@ class PFedHNConfig:
     hn_clip: float = dataclasses.field(default=50.0, metadata=_help(
         "clip of the global norm of the whole hypernetwork gradient (embeddings included) "
         "before each step; 0 = off."))
+    client_clip: float = dataclasses.field(default=50.0, metadata=_help(
+        "clip of the global norm of the client's gradient at every local step, before the "
+        "client optimizer (the official code's clip_grad_norm_(net.parameters(), 50); FL-bench "
+        "has none); 0 = off."))
     semantics: str = dataclasses.field(default="synchronous", metadata=_help(
         "synchronous (all participants generated from one snapshot, their gradients summed, "
         "one step per round) | sequential (one client per step, as the official code)."))
@@ -111,7 +118,7 @@ class PFedHNConfig:
             raise UserInputError(f"--pfedhn_hidden_dim must be >= 1, got {self.hidden_dim}")
         if self.n_hidden < 0:
             raise UserInputError(f"--pfedhn_n_hidden must be >= 0, got {self.n_hidden}")
-        for name in ("hn_lr", "embed_lr", "hn_weight_decay", "hn_clip"):
+        for name in ("hn_lr", "embed_lr", "hn_weight_decay", "hn_clip", "client_clip"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise UserInputError(f"--pfedhn_{name} must be a finite number >= 0, got {value}")
@@ -302,6 +309,7 @@ class PFedHN(Algorithm):
         # jitted per instance (a class-level cache would keep the instance alive)
         self.generate = jax.jit(lambda phi, ids: generate(self.hn, phi, ids))
         self._init_server_jit = jax.jit(self._init_server)
+        self.trainer  # built now, outside any trace
 
     # ------------------------------------------------------------------ state
     def init_hypernetwork(self, key: jax.Array) -> Any:
@@ -340,6 +348,16 @@ class PFedHN(Algorithm):
         updates, hn_opt_state = self.hn_tx.update(grads, hn_opt_state, hn_params)
         return optax.apply_updates(hn_params, updates), hn_opt_state
 
+    @functools.cached_property
+    def trainer(self):
+        """The experiment's client optimizer, after a clip of the gradient's global norm at
+        --pfedhn_client_clip (the official code's client clip; 0 = the plain trainer)."""
+        clip = self.config.client_clip
+        if clip == 0:
+            return self.ctx.trainer
+        tx = optax.chain(optax.clip_by_global_norm(clip), make_optimizer(self.ctx.trainer.config))
+        return self.ctx.trainer.with_update(sgd_update(self.ctx.model, tx))
+
     def _on_every_device(self, fn):
         # the hypernetwork is replicated server state: its (small) work is done whole on
         # every device instead of being partitioned by XLA next to the client-split state
@@ -349,7 +367,7 @@ class PFedHN(Algorithm):
         """Generate -> train -> one hypernetwork step for clients `ids`, from one phi."""
         phi = state["hn_params"]
         theta = self._on_every_device(lambda p, i: generate(self.hn, p, i))(phi, ids)
-        trained, stats, metrics = self.ctx.trainer.train(
+        trained, stats, metrics = self.trainer.train(
             theta, self.take(state["batch_stats"], ids), ids, key, data)
         phi, opt = self._on_every_device(self.server_update)(phi, state["hn_opt_state"], ids,
                                                             theta, trained)

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from pfedla_jax.algorithms.base import Algorithm, Evaluation, FLContext
 from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.aggregation import weighted_average
-from pfedla_jax.core.client_update import Batch, ClientUpdate, masked_cross_entropy
+from pfedla_jax.core.client_update import Batch, ClientUpdate, masked_cross_entropy, mean_batch_loss
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.errors import UserInputError
@@ -130,13 +130,7 @@ def pfedme_update(model, *, lam: float, inner_steps: int, personal_lr: float, lr
         cross-entropy by default (tests pass a squared error for closed forms).
     """
 
-    def mean_loss(params, batch_stats, x, y, mask):
-        out, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                    train=True, mask=mask, mutable=["batch_stats"])
-        total, count = loss(out, y, mask)
-        return total / jnp.maximum(count, 1.0), (total, count, new_vars.get("batch_stats", batch_stats))
-
-    grad = jax.grad(mean_loss, has_aux=True)
+    grad = jax.grad(mean_batch_loss(model, loss), has_aux=True)
 
     def init(shared, client, client_id, key):
         w = client["params"] if shared is None else shared

@@ -72,6 +72,27 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array):
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
+def mean_batch_loss(model, loss: Callable = masked_cross_entropy) -> Callable:
+    """The train-mode loss of one minibatch, for `jax.grad(..., has_aux=True)`.
+
+    Returns f(params, batch_stats, x, y, mask) -> (mean loss over the real examples,
+    (loss sum, real examples, the batch_stats after this forward pass)).
+
+    Args:
+      model: a Flax module called as model.apply(variables, x, train=True, mask=mask,
+        mutable=['batch_stats']) -> (outputs, new_vars).
+      loss: (outputs, labels, mask [B]) -> (sum of the real examples' losses, their count);
+        cross-entropy by default (tests pass a squared error for closed forms).
+    """
+    def f(params, batch_stats, x, y, mask):
+        out, new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                    train=True, mask=mask, mutable=["batch_stats"])
+        total, count = loss(out, y, mask)
+        return total / jnp.maximum(count, 1.0), (total, count, new_vars.get("batch_stats", batch_stats))
+
+    return f
+
+
 @dataclasses.dataclass(frozen=True)
 class PhaseMasks:
     """Trainable masks that change with the local epoch: phase p covers `epochs[p]` epochs.
@@ -187,6 +208,7 @@ def sgd_update(model, optimizer: optax.GradientTransformation, *,
     """
     tx = masked_optimizer(optimizer, trainable)
     phased = isinstance(trainable, PhaseMasks)
+    grad = jax.grad(mean_batch_loss(model), has_aux=True)
 
     def init(shared, client, client_id, key):
         params = client["params"] if shared is None else shared
@@ -196,20 +218,14 @@ def sgd_update(model, optimizer: optax.GradientTransformation, *,
         params, batch_stats, opt_state = carry
         x, y, mask = batch.x[0], batch.y[0], batch.mask[0]
 
-        def loss_fn(p):
-            logits, new_vars = model.apply({"params": p, "batch_stats": batch_stats}, x,
-                                           train=True, mask=mask, mutable=["batch_stats"])
-            loss_total, count = masked_cross_entropy(logits, y, mask)
-            return loss_total / jnp.maximum(count, 1.0), (loss_total, count, new_vars)
-
-        grads, (loss_total, count, new_vars) = jax.grad(loss_fn, has_aux=True)(params)
+        grads, (loss_total, count, new_stats) = grad(params, batch_stats, x, y, mask)
         if phased:
             updates, opt_state = tx.update(grads, opt_state, params,
                                            phase=trainable.phase(batch.epoch))
         else:
             updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return (params, new_vars.get("batch_stats", batch_stats), opt_state), (loss_total, count)
+        return (params, new_stats, opt_state), (loss_total, count)
 
     def finalize(carry, shared, client):
         return {"params": carry[0], "batch_stats": carry[1]}
