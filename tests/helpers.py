@@ -1,6 +1,7 @@
 """Small shared builders for tests (synthetic data, tiny cohorts)."""
 
 import functools
+import os
 
 import numpy as np
 
@@ -29,3 +30,19 @@ def small_store(num_clients=4, samples_per_client=60, scheme="noniid1", seed=0, 
     part = make_partition(ds.labels, ds.num_classes, num_clients, scheme,
                           samples_per_client=samples_per_client, seed=seed, **kw)
     return ds, build_client_store(ds, part)
+
+
+def import_torch():
+    """torch; without it the calling test module is skipped, unless PFEDLA_REQUIRE_TORCH=1
+    (CI), in which case a missing torch is an error. Call at module level."""
+    import pytest
+
+    try:
+        import torch
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        if os.environ.get("PFEDLA_REQUIRE_TORCH") == "1":
+            raise ImportError("PFEDLA_REQUIRE_TORCH=1 but torch is not installed "
+                              "(pip install -e '.[torch]')") from err
+        pytest.skip("torch not installed (optional extra 'torch'); set PFEDLA_REQUIRE_TORCH=1 "
+                    "to make this an error", allow_module_level=True)
+    return torch

@@ -11,18 +11,12 @@ torch is an optional extra: without it this module is skipped, unless PFEDLA_REQ
 (CI), in which case a missing torch is an error.
 """
 
-import os
 
 import pytest
 
-try:
-    import torch
-except ImportError as err:  # pragma: no cover - depends on the environment
-    if os.environ.get("PFEDLA_REQUIRE_TORCH") == "1":
-        raise ImportError("PFEDLA_REQUIRE_TORCH=1 but torch is not installed "
-                          "(pip install -e '.[torch]')") from err
-    pytest.skip("torch not installed (optional extra 'torch'); set PFEDLA_REQUIRE_TORCH=1 "
-                "to make this an error", allow_module_level=True)
+from tests.helpers import import_torch
+
+torch = import_torch()
 
 import functools
 

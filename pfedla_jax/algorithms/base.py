@@ -208,6 +208,18 @@ class Algorithm(abc.ABC):
         writing the rows it holds, in place (core.client_parallel.put_rows)."""
         return put_rows(tree, client_ids, rows, self.ctx.mesh)
 
+    def one_client_at_a_time(self, block, state: dict, client_ids: jax.Array, key: jax.Array,
+                             data: ClientStore) -> tuple[dict, dict]:
+        """Inside `round_step`: `block(state, ids [1], key, data) -> (state, metrics [1])` for
+        each participant in turn (a `lax.scan`), each seeing the state the previous ones left:
+        the 'sequential' round semantics of the PyTorch reference codes. Metrics come back
+        [S]."""
+        def one(state, s):
+            return block(state, jax.lax.dynamic_slice_in_dim(client_ids, s, 1), key, data)
+
+        state, metrics = jax.lax.scan(one, state, jnp.arange(client_ids.shape[0]))
+        return state, jax.tree.map(lambda a: a.reshape(client_ids.shape), metrics)
+
     def place(self, state: dict) -> dict:
         """`state` on the mesh (no copy for arrays already placed)."""
         return jax.device_put(state, self.state_shardings(state))

@@ -327,12 +327,7 @@ class PFedLA(Algorithm):
     def round_step(self, state, round_idx, client_ids, key, data):
         if self.config.semantics == "synchronous":
             return self._block(state, client_ids, key, data)
-
-        def one(state, s):
-            return self._block(state, jax.lax.dynamic_slice_in_dim(client_ids, s, 1), key, data)
-
-        state, metrics = jax.lax.scan(one, state, jnp.arange(client_ids.shape[0]))
-        return state, jax.tree.map(lambda a: a.reshape(client_ids.shape), metrics)
+        return self.one_client_at_a_time(self._block, state, client_ids, key, data)
 
     # ------------------------------------------------------------------ evaluation
     def all_alpha(self, state):
