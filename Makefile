@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 WORKDIR ?= runs/pfedla_fmnist
 
-.PHONY: setup setup-test data test run bench clean
+.PHONY: setup setup-test data test run bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,14 @@ run: setup data
 
 bench: setup-test
 	$(PY) -m experiments.benchmark --out=runs/benchmark.json
+
+# On a GPU machine (under 8 minutes on an H100/H200): correctness of the GPU path and its
+# speed against the PyTorch reference on the same GPU; writes runs/gpu_check/gpu_check.{json,md}.
+# Uses the Python environment as it is (no install step: the GPU machine brings its own
+# CUDA builds of jax and torch); tensorflow-datasets and tensorboardX are not needed.
+GPU_CHECK_DIR ?= runs/gpu_check
+gpu-check:
+	$(PYTHON) -m experiments.gpu_check --out_dir=$(GPU_CHECK_DIR)
 
 clean:
 	rm -rf $(VENV) runs

@@ -27,8 +27,15 @@ machine, versions and every figure.
   python -m experiments.benchmark                       # FMNIST + CIFAR CNN, 10 clients x 50 steps
   python -m experiments.benchmark --models=fmnist --num_clients=100 --local_steps=20 --out=runs/bench.json
 
-torch runs with --torch_threads intra-op threads (default: all cores); JAX on CPU with
-one XLA device per core and `--client_parallelism=auto` (BUILD_NOTES.md "performance").
+torch runs on --torch_device (auto = cuda if torch sees one, else cpu; `cuda` without CUDA is
+an error) with --torch_threads intra-op threads (default: all cores); JAX on its default
+backend, on CPU with one XLA device per core and `--client_parallelism=auto` (BUILD_NOTES.md
+"performance"). On a GPU, --fp32 (default) runs both in full float32 (torch TF32 off, JAX
+matmul precision 'highest'); --nofp32 leaves each framework's default (TF32 where the GPU
+has it). torch GPU times are taken after torch.cuda.synchronize().
+
+The pieces (`synthetic_arrays`, `JaxRounds`, `TorchRounds`, `server_benchmark`, ...) take
+explicit arguments; experiments.gpu_check reuses them with its own sizes and time guards.
 """
 
 from __future__ import annotations
@@ -60,6 +67,12 @@ _PAUSE = flags.DEFINE_float("pause_s", 0.3, "Seconds of sleep before each measur
                             "timed): the other framework's worker threads (torch's OpenMP threads "
                             "spin after a parallel region) go idle first.")
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Measure JAX only.")
+TORCH_DEVICE = flags.DEFINE_string("torch_device", "auto", "Where the PyTorch reference runs: "
+                                   "auto (cuda if torch sees a CUDA device, else cpu) | cpu | cuda.")
+FP32 = flags.DEFINE_bool("fp32", True, "On GPUs: full float32 matmuls and convolutions in both "
+                         "frameworks (torch TF32 off for matmul and cuDNN; JAX "
+                         "jax_default_matmul_precision='highest'). --nofp32: each framework's "
+                         "default (TF32 where the GPU has it). No effect on CPUs.")
 _OUT = flags.DEFINE_string("out", None, "Write the figures to this JSON file.")
 SECTIONS = ("rounds", "server", "overhead", "memory", "compile")
 _SECTIONS = flags.DEFINE_list("sections", list(SECTIONS), f"Parts to run, among {', '.join(SECTIONS)}.")
@@ -90,21 +103,63 @@ def _machine() -> dict:
 
 
 def synthetic_arrays(num_clients: int, shape, num_classes: int = 10, seed: int = 0,
-                     per_client: int = TRAIN_PER_CLIENT):
-    """uint8 NHWC images (class templates + noise), labels, per-client train index lists."""
+                     per_client: int = TRAIN_PER_CLIENT, pool: int | None = None):
+    """Synthetic client data: class templates + noise.
+
+    Args:
+      num_clients: N.
+      shape: one image, (H, W, C).
+      num_classes: labels are uniform over 0..num_classes-1.
+      seed: numpy seed.
+      per_client: examples per client (the benchmark uses the last as the test split).
+      pool: None: every client has its own `per_client` images (N * per_client in all).
+        An int P: only P distinct images are made and each client holds a random subset
+        of per_client of them (P >= per_client): the same work per client at any N, without
+        making (and storing) N * per_client images (1,000 CIFAR clients: 1.6e9 values).
+
+    Returns:
+      (images uint8 [M, H, W, C], labels int32 [M], per-client int64 index lists into them).
+
+    Raises:
+      ValueError: pool < per_client.
+    """
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    m = num_clients * per_client
+    m = num_clients * per_client if pool is None else int(pool)
+    if pool is not None and pool < per_client:
+        raise ValueError(f"pool ({pool}) must be >= per_client ({per_client})")
     templates = rng.uniform(0, 255, (num_classes,) + tuple(shape))
     labels = rng.integers(0, num_classes, m).astype(np.int32)
     images = np.clip(templates[labels] + rng.normal(0, 40, (m,) + tuple(shape)), 0, 255).astype(np.uint8)
-    train = [np.arange(i * per_client, (i + 1) * per_client) for i in range(num_clients)]
+    if pool is None:
+        train = [np.arange(i * per_client, (i + 1) * per_client) for i in range(num_clients)]
+    else:
+        train = [np.sort(rng.choice(m, per_client, replace=False)) for _ in range(num_clients)]
     return images, labels, train
 
 
-def _jax_setup(model_name: str, num_clients: int, images, labels, train, local_steps: int | None = None):
-    """A JAX FL context + algorithm over the given client data (all clients train each round)."""
+def _jax_setup(model_name: str, num_clients: int, images, labels, train, local_steps: int | None = None,
+               *, batch_size: int | None = None, strategy: str | None = None,
+               algorithm: str | None = None, config=None, lr: float = 0.01, init: str = "common",
+               conv_impl: str = "custom", test_examples: int = 1):
+    """A JAX FL algorithm over the given client data (all clients train each round).
+
+    Args:
+      model_name: a key of MODELS.
+      num_clients: N.
+      images, labels, train: as `synthetic_arrays` returns (the last `test_examples` of each
+        client's list form its test split, the rest its train split).
+      local_steps, batch_size, strategy ('auto' | 'vmap' | 'loop' | 'shard'), algorithm
+        ('pfedla' | 'fedavg'): None = the flag's value.
+      config: the PFedLAConfig (default: hn_lr 0.5); ignored for FedAvg.
+      lr: client SGD learning rate.
+      init: 'common' or 'independent' client models.
+      conv_impl: 'custom' (ops.conv2d_valid) or 'reference' (plain autodiff lax.conv).
+
+    Returns:
+      (algorithm, Dataset, Partition).
+    """
     import numpy as np
 
     from pfedla_jax.algorithms import FedAvg, FLContext, PFedLA, PFedLAConfig
@@ -120,24 +175,33 @@ def _jax_setup(model_name: str, num_clients: int, images, labels, train, local_s
     std = tuple(float(v) for v in x.std(axis=(0, 1, 2)))
     dataset = Dataset(name=f"bench_{model_name}", images=images, labels=labels, num_classes=10,
                       mean=mean, std=std)
-    # one test example per client (the store wants a test split; it is not used here)
-    part = Partition(train_indices=[t[:-1] for t in train], test_indices=[t[-1:] for t in train],
+    # test_examples per client (the store wants a test split; it is not used here)
+    k = test_examples
+    part = Partition(train_indices=[t[:-k] for t in train], test_indices=[t[-k:] for t in train],
                      client_classes=[np.unique(labels[t]) for t in train], scheme="manual",
                      samples_per_client=None)
     store = build_client_store(dataset, part)
-    model = make_cnn(shape, 10, use_bn=use_bn)
-    trainer = ClientTrainer(model, store, LocalTrainConfig(batch_size=_F.batch_size,
+    model = make_cnn(shape, 10, use_bn=use_bn, conv_impl=conv_impl)
+    trainer = ClientTrainer(model, store, LocalTrainConfig(batch_size=batch_size or _F.batch_size,
                                                            local_steps=local_steps or _F.local_steps,
-                                                           lr=0.01),
-                            _F.client_parallelism)
+                                                           lr=lr),
+                            strategy or _F.client_parallelism)
     # donate_state: rounds update the state in place, as in an experiment
     ctx = FLContext(model=model, layer_order=layer_names(model), store=store, trainer=trainer,
-                    num_clients=num_clients, input_shape=shape, donate_state=True)
-    algo = PFedLA(ctx, PFedLAConfig(hn_lr=0.5)) if _F.algorithm == "pfedla" else FedAvg(ctx)
+                    num_clients=num_clients, input_shape=shape, donate_state=True, init=init)
+    if (algorithm or _F.algorithm) == "pfedla":
+        algo = PFedLA(ctx, config if config is not None else PFedLAConfig(hn_lr=0.5))
+    else:
+        algo = FedAvg(ctx)
     return algo, dataset, part
 
 
-def _torch_setup(model_name: str, dataset, part):
+def _torch_setup(model_name: str, dataset, part, *, local_steps: int | None = None,
+                 batch_size: int | None = None, algorithm: str | None = None, device=None,
+                 lr: float = 0.01):
+    """The PyTorch reference server over the same data as `_jax_setup` (None = the flag's
+    value; device: a --torch_device value or torch.device). Raises UserInputError for a
+    CUDA device without CUDA."""
     from experiments.torch_baseline import (
         ClientData,
         CNNTarget,
@@ -152,65 +216,150 @@ def _torch_setup(model_name: str, dataset, part):
                                   dataset.mean, dataset.std)
     # same number of steps and examples per step as JAX: train sets are 511 examples, so
     # 16 batches per epoch (the last one of 31) in both frameworks
-    order = shuffled_batches(data, batch_size=_F.batch_size, local_steps=_F.local_steps)
+    order = shuffled_batches(data, batch_size=batch_size or _F.batch_size,
+                             local_steps=local_steps or _F.local_steps)
     model = CNNTarget(shape[2], 10, use_bn=use_bn, input_hw=shape[:2])
-    local = LocalConfig(lr=0.01)
-    if _F.algorithm == "pfedla":
-        return PFedLAServer(model, data, order, local, hn_lr=0.5)
-    return FedAvgServer(model, data, order, local)
+    local = LocalConfig(lr=lr)
+    device = TORCH_DEVICE.value if device is None else device
+    if (algorithm or _F.algorithm) == "pfedla":
+        return PFedLAServer(model, data, order, local, hn_lr=0.5, device=device)
+    return FedAvgServer(model, data, order, local, device=device)
+
+
+class JaxRounds:
+    """Rounds of a JAX FL algorithm (all clients take part) over synthetic client data.
+
+    Args:
+      model_name: 'fmnist' or 'cifar10' (MODELS).
+      num_clients: N (= the clients per round).
+      local_steps, batch_size: each client's work per round (local_steps x batch_size examples).
+      algorithm: 'pfedla' or 'fedavg'.
+      strategy: --client_parallelism ('auto', 'vmap', 'loop', 'shard').
+      per_client, pool, seed: `synthetic_arrays`' arguments.
+      **setup: more `_jax_setup` arguments (config, lr, init, conv_impl).
+
+    Attributes: algo, dataset, part (for `TorchRounds` on the same data), state,
+    examples_per_round (= N * local_steps * batch_size).
+    """
+
+    def __init__(self, model_name: str, num_clients: int, *, local_steps: int, batch_size: int,
+                 algorithm: str = "pfedla", strategy: str = "auto",
+                 per_client: int = TRAIN_PER_CLIENT, pool: int | None = None, seed: int = 0,
+                 **setup):
+        import jax
+        import numpy as np
+
+        images, labels, train = synthetic_arrays(num_clients, MODELS[model_name][0], seed=seed,
+                                                 per_client=per_client, pool=pool)
+        self.algo, self.dataset, self.part = _jax_setup(
+            model_name, num_clients, images, labels, train, local_steps, batch_size=batch_size,
+            strategy=strategy, algorithm=algorithm, **setup)
+        self.key = jax.random.PRNGKey(seed)
+        self.state = self.algo.init(self.key)
+        self.participants = np.arange(num_clients, dtype=np.int32)
+        self.examples_per_round = num_clients * local_steps * batch_size
+
+    @property
+    def strategy(self) -> str:
+        return self.algo.ctx.trainer.strategy
+
+    def run(self, t: int) -> float:
+        """Round t, as the experiment loop runs it (one compiled call, its metrics read back);
+        returns its wall seconds (after block_until_ready)."""
+        import jax
+
+        t0 = time.perf_counter()
+        self.state, info = self.algo.round(self.state, t, self.participants,
+                                           jax.random.fold_in(self.key, t))
+        jax.device_get(info)  # what the experiment loop reads every round
+        jax.block_until_ready(self.state)
+        return time.perf_counter() - t0
+
+
+class TorchRounds:
+    """Rounds of the PyTorch reference on the data of a `JaxRounds` (clients one after another).
+
+    Args:
+      model_name, dataset, part: as `JaxRounds` has them.
+      local_steps, batch_size, algorithm: as for `JaxRounds`.
+      device: --torch_device value or torch.device (UserInputError for CUDA without CUDA).
+
+    Attributes: server (the reference's FedAvgServer / PFedLAServer), device.
+    """
+
+    def __init__(self, model_name: str, dataset, part, *, local_steps: int, batch_size: int,
+                 algorithm: str = "pfedla", device="auto", lr: float = 0.01):
+        self.server = _torch_setup(model_name, dataset, part, local_steps=local_steps,
+                                   batch_size=batch_size, algorithm=algorithm, device=device, lr=lr)
+        self.device = self.server.device
+
+    def run(self, t: int, participants) -> float:
+        """Round t for `participants` (client ids, in order); wall seconds, after the device's
+        queued work finished (torch.cuda.synchronize on a GPU)."""
+        from experiments.torch_baseline import synchronize
+
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        self.server.round(t, participants)
+        synchronize(self.device)
+        return time.perf_counter() - t0
 
 
 def _median_ms(times):
     return 1000.0 * statistics.median(times)
 
 
-def round_benchmark(model_name: str) -> dict:
-    """Full rounds, JAX and torch alternating after warm-up."""
-    import jax
-    import numpy as np
+def round_benchmark(model_name: str, *, num_clients: int | None = None,
+                    local_steps: int | None = None, batch_size: int | None = None,
+                    rounds: int | None = None, warmup: int | None = None,
+                    algorithm: str | None = None, strategy: str | None = None,
+                    skip_torch: bool | None = None, torch_device=None,
+                    pause_s: float | None = None) -> dict:
+    """Full rounds, JAX and torch alternating after warm-up (None = the flag's value).
 
-    n = _F.num_clients
-    images, labels, train = synthetic_arrays(n, MODELS[model_name][0])
-    algo, dataset, part = _jax_setup(model_name, n, images, labels, train)
-    key = jax.random.PRNGKey(0)
-    state = algo.init(key)
-    participants = np.arange(n, dtype=np.int32)
-    examples = n * _F.local_steps * _F.batch_size
+    Returns a dict: ms per round (median) and all rounds, examples/s, JAX compile seconds,
+    the JAX/torch ratio, peak host memory (MB), peak device memory (MB) on GPUs.
+    """
+    n = num_clients or _F.num_clients
+    steps, batch = local_steps or _F.local_steps, batch_size or _F.batch_size
+    rounds, warmup = rounds or _F.rounds, warmup or _WARMUP.value
+    algorithm = algorithm or _F.algorithm
+    skip_torch = _SKIP_TORCH.value if skip_torch is None else skip_torch
+    pause = _PAUSE.value if pause_s is None else pause_s
+    rss0 = _peak_rss_mb()
+    jr = JaxRounds(model_name, n, local_steps=steps, batch_size=batch, algorithm=algorithm,
+                   strategy=strategy or _F.client_parallelism)
+    examples = jr.examples_per_round
 
     def jax_round(t):
-        nonlocal state
-        time.sleep(_PAUSE.value)
-        t0 = time.perf_counter()
-        state, info = algo.round(state, t, participants, jax.random.fold_in(key, t))
-        jax.device_get(info)  # what the experiment loop reads every round
-        jax.block_until_ready(state)
-        return time.perf_counter() - t0
+        time.sleep(pause)
+        return jr.run(t)
 
-    rss0 = _peak_rss_mb()
-    jax_times = [jax_round(t) for t in range(_WARMUP.value)]
+    jax_times = [jax_round(t) for t in range(warmup)]
     rss_jax = _peak_rss_mb()
-    server = None
-    if not _SKIP_TORCH.value:
-        server = _torch_setup(model_name, dataset, part)
+    tr = None
+    if not skip_torch:
+        tr = TorchRounds(model_name, jr.dataset, jr.part, local_steps=steps, batch_size=batch,
+                         algorithm=algorithm,
+                         device=TORCH_DEVICE.value if torch_device is None else torch_device)
+        _reset_torch_peak(tr.device)
 
         def torch_round(t):
-            time.sleep(_PAUSE.value)
-            t0 = time.perf_counter()
-            server.round(t, range(n))
-            return time.perf_counter() - t0
+            time.sleep(pause)
+            return tr.run(t, range(n))
 
-        for t in range(_WARMUP.value):
+        for t in range(warmup):
             torch_round(t)
     rss_torch = _peak_rss_mb()
     jax_measured, torch_measured = [], []
-    for t in range(_WARMUP.value, _WARMUP.value + _F.rounds):
+    for t in range(warmup, warmup + rounds):
         jax_measured.append(jax_round(t))
-        if server is not None:
+        if tr is not None:
             torch_measured.append(torch_round(t))
     out = {
-        "model": model_name, "algorithm": _F.algorithm, "clients": n, "local_steps": _F.local_steps,
-        "batch_size": _F.batch_size, "examples_per_round": examples,
-        "jax_strategy": algo.ctx.trainer.strategy,
+        "model": model_name, "algorithm": algorithm, "clients": n, "local_steps": steps,
+        "batch_size": batch, "examples_per_round": examples,
+        "jax_strategy": jr.strategy,
         "jax_ms_per_round": _median_ms(jax_measured),
         "jax_ms_all": [1000 * t for t in jax_measured],
         "jax_examples_per_s": examples / statistics.median(jax_measured),
@@ -219,51 +368,103 @@ def round_benchmark(model_name: str) -> dict:
         "jax_first_round_s": jax_times[0],
         "peak_rss_mb_after_jax_warmup": rss_jax, "peak_rss_mb_before": rss0,
     }
-    if server is not None:
+    if tr is not None:
         out.update({
+            "torch_device": str(tr.device),
             "torch_ms_per_round": _median_ms(torch_measured),
             "torch_ms_all": [1000 * t for t in torch_measured],
             "torch_examples_per_s": examples / statistics.median(torch_measured),
             "ratio_jax_over_torch": statistics.median(jax_measured) / statistics.median(torch_measured),
             "peak_rss_mb_after_torch_warmup": rss_torch,
         })
-    _gpu_memory(out)
+    _gpu_memory(out, tr.device if tr is not None else None)
     return out
 
 
-def _gpu_memory(out: dict) -> None:
+def jax_device_memory() -> dict[str, float]:
+    """The default JAX device's allocator figures in MB ({} on a CPU or when the backend
+    reports none): 'bytes_in_use', 'peak_bytes_in_use' (since the process started: JAX
+    has no reset), 'bytes_limit'."""
     import jax
 
-    if jax.default_backend() != "cpu":
-        stats = jax.local_devices()[0].memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            out["jax_peak_device_mb"] = stats["peak_bytes_in_use"] / 2**20
+    if jax.default_backend() == "cpu":
+        return {}
     try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # pylint: disable=broad-except  (a backend without the API)
+        return {}
+    return {k: stats[k] / 2**20 for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
+            if k in stats}
+
+
+def _reset_torch_peak(device) -> None:
+    if device is not None and device.type == "cuda":
         import torch
 
-        if torch.cuda.is_available():
-            out["torch_peak_device_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    except ImportError:
-        pass
+        torch.cuda.reset_peak_memory_stats(device)
 
 
-def server_benchmark(num_clients: int) -> dict:
-    """The pFedLA server step alone (FMNIST CNN): alpha + aggregation + HN update, all clients."""
+def torch_peak_mb(device) -> float | None:
+    """torch.cuda.max_memory_allocated(device) in MB since the last reset; None off CUDA."""
+    if device is None or device.type != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _gpu_memory(out: dict, torch_device=None) -> None:
+    jax_mem = jax_device_memory()
+    if "peak_bytes_in_use" in jax_mem:
+        out["jax_peak_device_mb"] = jax_mem["peak_bytes_in_use"]
+    peak = torch_peak_mb(torch_device)
+    if peak is not None:
+        out["torch_peak_device_mb"] = peak
+
+
+def server_benchmark(num_clients: int, *, repeats: int | None = None,
+                     skip_torch: bool | None = None, torch_device=None,
+                     torch_clients: int | None = None, model_name: str = "fmnist") -> dict:
+    """The pFedLA server step alone: alpha + aggregation + HN update of all N clients.
+
+    Args:
+      num_clients: N (every client takes part).
+      repeats: measured JAX steps (median; None = --server_repeats); torch is measured the
+        same number of times.
+      skip_torch, torch_device: None = the flags' values.
+      torch_clients: None = torch runs all N clients. k < N: torch runs the first k clients'
+        steps (each against all N stored models, as in the full step) and the figure is
+        extrapolated linearly to N ('torch_extrapolated' True; per client the work is the
+        same, O(N)).
+      model_name: the client CNN (MODELS).
+
+    Returns:
+      {'clients', 'jax_ms', 'jax_compile_s', and with torch: 'torch_ms' (for all N),
+       'torch_measured_clients', 'torch_extrapolated', 'speedup_jax', 'torch_device'}.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    images, labels, train = synthetic_arrays(num_clients, MODELS["fmnist"][0])
-    algo, dataset, part = _jax_setup("fmnist", num_clients, images, labels, train)
+    repeats = repeats or _SERVER_REPEATS.value
+    skip_torch = _SKIP_TORCH.value if skip_torch is None else skip_torch
+    # the server step reads no data: two examples per client (one train, one test) suffice
+    images, labels, train = synthetic_arrays(num_clients, MODELS[model_name][0], per_client=2)
+    algo, dataset, part = _jax_setup(model_name, num_clients, images, labels, train,
+                                     algorithm="pfedla", local_steps=1)
     state = algo.to_checkpoint(algo.init(jax.random.PRNGKey(0)))  # [N, ...] (no mesh padding)
     ids = jnp.arange(num_clients, dtype=jnp.int32)
-    # distinct stored models (a common init would make every source identical)
-    noise = lambda k, a: a + 0.01 * jax.random.normal(k, a.shape, a.dtype)
-    leaves, tree = jax.tree.flatten(state["client_params"])
-    keys = jax.random.split(jax.random.PRNGKey(1), 2 * len(leaves))
-    stored = jax.tree.unflatten(tree, [noise(k, a) for k, a in zip(keys, leaves)])
-    delta = jax.tree.unflatten(tree, [1e-3 * jax.random.normal(k, a.shape, a.dtype)
-                                      for k, a in zip(keys[len(leaves):], leaves)])
+    # distinct stored models (a common init would make every source identical), and updates
+
+    @jax.jit
+    def perturbed(params):
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.PRNGKey(1), 2 * len(leaves))
+        stored = [a + 0.01 * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)]
+        delta = [1e-3 * jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys[len(leaves):], leaves)]
+        return jax.tree.unflatten(tree, stored), jax.tree.unflatten(tree, delta)
+
+    stored, delta = perturbed(state["client_params"])
 
     def jax_step():
         t0 = time.perf_counter()
@@ -273,36 +474,42 @@ def server_benchmark(num_clients: int) -> dict:
         return time.perf_counter() - t0
 
     first = jax_step()
-    jax_times = [jax_step() for _ in range(_SERVER_REPEATS.value)]
+    jax_times = [jax_step() for _ in range(repeats)]
     out = {"clients": num_clients, "jax_ms": _median_ms(jax_times),
            "jax_compile_s": max(0.0, first - statistics.median(jax_times))}
-    if not _SKIP_TORCH.value:
+    if not skip_torch:
         import torch
 
-        from experiments.torch_baseline import params_from_jax
+        from experiments.torch_baseline import params_from_jax, synchronize
 
-        server = _torch_setup("fmnist", dataset, part)
+        server = _torch_setup(model_name, dataset, part, algorithm="pfedla", local_steps=1,
+                              device=TORCH_DEVICE.value if torch_device is None else torch_device)
+        dev = server.device
+        k = num_clients if torch_clients is None else max(1, min(int(torch_clients), num_clients))
         host = jax.tree.map(np.asarray, stored)
         host_delta = jax.tree.map(np.asarray, delta)
         row = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
         for i in range(num_clients):
             sd = params_from_jax(row(host, i))
-            server.client_states[i].update({k: torch.as_tensor(v) for k, v in sd.items()})
-        deltas = [{k: torch.as_tensor(v) for k, v in params_from_jax(row(host_delta, i)).items()}
-                  for i in range(num_clients)]
+            server.client_states[i].update({k: torch.as_tensor(v).to(dev) for k, v in sd.items()})
+        deltas = [{k: torch.as_tensor(v).to(dev) for k, v in params_from_jax(row(host_delta, i)).items()}
+                  for i in range(k)]
 
         def torch_step():
-            # what the PyTorch server does per round, minus local training
+            # what the PyTorch server does per round, minus local training (k of N clients)
+            synchronize(dev)
             t0 = time.perf_counter()
             snapshot = server.stored_params()
-            for i in range(num_clients):
+            for i in range(k):
                 _, _, theta_bar = server.personalize(i, snapshot)
                 server.update_hypernetwork(i, theta_bar, deltas[i])
-            return time.perf_counter() - t0
+            synchronize(dev)
+            return (time.perf_counter() - t0) * num_clients / k
 
         torch_step()
-        torch_times = [torch_step() for _ in range(_SERVER_REPEATS.value)]
-        out.update(torch_ms=_median_ms(torch_times),
+        torch_times = [torch_step() for _ in range(repeats)]
+        out.update(torch_ms=_median_ms(torch_times), torch_device=str(dev),
+                   torch_measured_clients=k, torch_extrapolated=k < num_clients,
                    speedup_jax=statistics.median(torch_times) / statistics.median(jax_times))
     return out
 
@@ -321,7 +528,7 @@ def overhead_benchmark() -> dict:
     participants = np.arange(n, dtype=np.int32)
     key = jax.random.PRNGKey(0)
     algos = {steps: _jax_setup("fmnist", n, images, labels, train, local_steps=steps)[0]
-             for steps in (1, 11)}
+             for steps in (1, 11)}  # (--algorithm, --batch_size, --client_parallelism)
     states = {steps: algo.init(key) for steps, algo in algos.items()}
     times: dict[int, list[float]] = {1: [], 11: []}
     for t in range(2 + _OVERHEAD_ROUNDS.value):
@@ -360,8 +567,8 @@ def memory_benchmark(num_clients: int) -> dict:
 
     per_client = 24  # 23 train examples + 1 test example each: the state, not the data, is measured
     images, labels, train = synthetic_arrays(num_clients, MODELS["fmnist"][0], per_client=per_client)
-    flags.FLAGS.algorithm = "pfedla"
-    algo, _, _ = _jax_setup("fmnist", num_clients, images, labels, train, local_steps=1)
+    algo, _, _ = _jax_setup("fmnist", num_clients, images, labels, train, local_steps=1,
+                            algorithm="pfedla")
     key = jax.random.PRNGKey(0)
     state = algo.init(key)
     jax.block_until_ready(state)
@@ -465,6 +672,9 @@ def main(argv):
         fail(f"--server_clients must be integers, got {_SERVER_N.value}")
     if any(v < 2 for v in server_ns):
         fail("--server_clients values must be >= 2")
+    check_torch_device_flag(TORCH_DEVICE.value)
+    from pfedla_jax.errors import UserInputError
+
     versions = {"jax": jax.__version__, "backend": jax.default_backend(),
                 "devices": [str(d) for d in jax.devices()]}
     if not _SKIP_TORCH.value:
@@ -472,16 +682,50 @@ def main(argv):
             import torch
         except ImportError:
             fail("torch is not installed: pip install -e '.[torch]' (torch==2.13.0), or --skip_torch")
+        from experiments.torch_baseline import resolve_device
+
+        try:
+            device = resolve_device(TORCH_DEVICE.value)
+        except UserInputError as e:
+            fail(str(e))
         threads = _THREADS.value or _machine()["cores"]
         torch.set_num_threads(threads)
         versions.update(torch=torch.__version__, torch_threads=threads,
-                        torch_cuda=torch.cuda.is_available())
-    from pfedla_jax.errors import UserInputError
-
+                        torch_cuda=torch.cuda.is_available(), torch_device=str(device))
+        flags.FLAGS.torch_device = str(device)
+    versions.update(set_precision(FP32.value))
     try:
         _run(versions, server_ns)
     except UserInputError as e:
         fail(str(e))
+
+
+def check_torch_device_flag(value: str) -> None:
+    """Exits with `error: ...` (status 2) unless `value` is auto, cpu, cuda or cuda:K (whether
+    CUDA is there is checked where torch is used: experiments.torch_baseline.resolve_device)."""
+    text = value.strip().lower()
+    if text not in ("auto", "cpu", "cuda") and not (text.startswith("cuda:") and text[5:].isdigit()):
+        fail(f"unknown --torch_device {value!r}; expected one of auto, cpu, cuda (or cuda:K)")
+
+
+def set_precision(fp32: bool) -> dict:
+    """Full float32 in both frameworks on GPUs (see --fp32), process-wide; returns what was set:
+    {'jax_matmul_precision': 'highest' | 'default', 'torch_tf32': {...}} (torch only if imported)."""
+    import sys
+
+    import jax
+
+    out = {"jax_matmul_precision": "default"}
+    if fp32 and jax.default_backend() != "cpu":
+        jax.config.update("jax_default_matmul_precision", "highest")
+        out["jax_matmul_precision"] = "highest"
+    if "torch" in sys.modules:
+        from experiments.torch_baseline.device import full_fp32, tf32_settings
+
+        if fp32:
+            full_fp32()
+        out["torch_tf32"] = tf32_settings()
+    return out
 
 
 def _run(versions: dict, server_ns: list[int]) -> None:
@@ -491,7 +735,8 @@ def _run(versions: dict, server_ns: list[int]) -> None:
     report = {"machine": _machine(), "versions": versions, "rounds": [], "server": []}
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; "
           f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices)"
-          + (f"; torch {versions['torch']} ({versions['torch_threads']} threads)" if "torch" in versions else ""),
+          + (f"; torch {versions['torch']} on {versions['torch_device']} ({versions['torch_threads']} threads)"
+             if "torch" in versions else ""),
           flush=True)
     for name in _MODELS.value if "rounds" in sections else ():
         r = round_benchmark(name)
@@ -511,7 +756,9 @@ def _run(versions: dict, server_ns: list[int]) -> None:
         report["server"].append(s)
         line = f"server step (alpha + aggregation + HN update), N={n}: JAX {s['jax_ms']:.1f} ms"
         if "torch_ms" in s:
-            line += f" | torch {s['torch_ms']:.1f} ms | JAX {s['speedup_jax']:.0f}x faster"
+            line += (f" | torch {s['torch_ms']:.1f} ms"
+                     + (f" (from {s['torch_measured_clients']} clients)" if s["torch_extrapolated"] else "")
+                     + f" | JAX {s['speedup_jax']:.0f}x faster")
         print(line, flush=True)
     if "overhead" in sections:
         o = report["overhead"] = overhead_benchmark()

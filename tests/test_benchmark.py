@@ -34,6 +34,12 @@ def test_tiny_benchmark_writes_every_figure(tmp_path):
     (s,) = report["server"]
     assert s["clients"] == 3 and s["jax_ms"] > 0 and s["torch_ms"] > 0
     assert report["machine"]["cores"] >= 1 and report["versions"]["torch"].startswith("2.13.0")
+    # --torch_device=auto is the CPU here; --fp32 (default) turns TF32 off (JAX: CPU is float32)
+    versions = report["versions"]
+    assert versions["torch_device"] == r["torch_device"] == s["torch_device"] == "cpu"
+    assert versions["torch_tf32"] == {"matmul": False, "cudnn": False}
+    assert versions["jax_matmul_precision"] == "default"
+    assert s["torch_measured_clients"] == 3 and s["torch_extrapolated"] is False
     o = report["overhead"]
     assert o["clients"] == 2 and o["ms_per_round_11_steps"] > o["ms_per_round_1_step"] > 0
     m = report["memory"]
@@ -49,9 +55,20 @@ def test_tiny_benchmark_writes_every_figure(tmp_path):
     (["--server_clients=1"], "server_clients"),
     (["--sections=rounds,nosuch"], "nosuch"),
     (["--client_parallelism=magic", "--models=fmnist", "--num_clients=2", "--local_steps=1"], "client_parallelism"),
+    (["--torch_device=tpu"], "torch_device"),
 ])
 def test_bad_flags(args, pattern):
     p = _bench(args + ["--skip_torch"], timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err
+
+
+def test_cuda_without_cuda_is_one_error_line():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --torch_device=cuda is valid here")
+    p = _bench(["--torch_device=cuda", "--models=fmnist", "--num_clients=2", "--local_steps=1"], timeout=120)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1, p.stderr[-2000:]
+    assert err[0].startswith("error: ") and "CUDA" in err[0], err

@@ -7,6 +7,11 @@ torch side trains clients one after another with torch.optim.SGD and takes the
 hypernetwork gradient with torch.autograd through the aggregation, so this is an
 independent check of the closed-form cotangent and of the stacked training.
 
+Every parity test runs with the reference on each torch device: 'cpu' always, 'cuda' when torch
+sees a CUDA device (skipped otherwise, with the reason). The same code path runs on both
+(the servers' `device=`), the same tolerance (1e-4) holds on both, with TF32 off (full float32
+convs and matmuls in torch; JAX runs on its CPU backend here).
+
 torch is an optional extra: without it this module is skipped, unless PFEDLA_REQUIRE_TORCH=1
 (CI), in which case a missing torch is an error.
 """
@@ -26,6 +31,7 @@ import numpy as np
 
 from experiments.torch_baseline import (
     ClientData,
+    resolve_device,
     CNNTarget,
     FedAvgServer,
     LayerWeightHypernetwork,
@@ -39,7 +45,10 @@ from experiments.torch_baseline import (
     shuffled_batches,
     synthetic_client_data,
 )
+from experiments.torch_baseline.parity import plan_order as _plan_order, row as _row
+from experiments.torch_baseline.device import no_tf32, tf32_settings
 from pfedla_jax.algorithms import FedAvg, FLContext, PFedLA, PFedLAConfig
+from pfedla_jax.errors import UserInputError
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.data.store import normalize_images
 from pfedla_jax.models import init_variables, layer_names, make_cnn
@@ -59,6 +68,23 @@ HN_LR = 10.0  # large enough that one round moves alpha by > 1e-2 (0.5 moves it 
 SIZES = (40, 21, 30)
 PARTICIPANTS = np.array([2, 0])  # client 1 sits out; order matters for 'sequential'
 ROUND_KEY = jax.random.PRNGKey(5)
+
+CUDA = torch.cuda.is_available()
+# the reference's device in every parity test (tests/test_torch_parity_{fedrep,pfedhn}.py too)
+TORCH_DEVICES = [
+    pytest.param("cpu", id="torch-cpu"),
+    pytest.param("cuda", id="torch-cuda", marks=pytest.mark.skipif(
+        not CUDA, reason=f"torch {torch.__version__} sees no CUDA device (CPU-only build or no "
+                         "GPU): the CUDA parity runs on a GPU machine (also in experiments.gpu_check)")),
+]
+
+
+@pytest.fixture(autouse=True)
+def _full_fp32():
+    """TF32 off around every test (full float32 cuDNN convs and matmuls; the 1e-4 tolerance
+    assumes it; no effect on the CPU)."""
+    with no_tf32():
+        yield
 
 
 @functools.cache
@@ -108,19 +134,6 @@ def _torch_model(use_bn):
     h, w, c = ds.input_shape
     return CNNTarget(in_channels=c, num_classes=ds.num_classes, use_bn=use_bn, input_hw=(h, w))
 
-
-def _plan_order(trainer, round_key):
-    """A torch BatchOrder feeding exactly the JAX trainer's minibatches."""
-
-    def order(client_id, round_idx):
-        idx, mask = trainer.batch_plan(client_id, round_key)
-        return [torch.from_numpy(i[m].astype(np.int64)) for i, m in zip(idx, mask)]
-
-    return order
-
-
-def _row(tree, j):
-    return jax.tree.map(lambda a: np.asarray(a)[j], tree)
 
 
 def _torch_states(params, stats):
@@ -202,7 +215,8 @@ PFEDLA_CASES = [  # (each case compiles its own JAX server steps: a few, for the
 
 
 @pytest.mark.parametrize("semantics,use_bn,granularity,heur_k", PFEDLA_CASES)
-def test_pfedla_round_parity(semantics, use_bn, granularity, heur_k):
+@pytest.mark.parametrize("torch_device", TORCH_DEVICES)
+def test_pfedla_round_parity(semantics, use_bn, granularity, heur_k, torch_device):
     n = len(SIZES)
     _, _, _, trainer, data = _cohort(use_bn)
     algo = PFedLA(_ctx(use_bn, "common"),
@@ -231,14 +245,15 @@ def test_pfedla_round_parity(semantics, use_bn, granularity, heur_k):
     server = PFedLAServer(tmodel, data, _plan_order(trainer, ROUND_KEY), LocalConfig(lr=LR),
                           client_states=_torch_states(state["client_params"], state["batch_stats"]),
                           hypernetworks=hns, hn_lr=HN_LR, semantics=semantics,
-                          granularity=granularity, heur_k=heur_k)
-    _close("alpha before the round", server.all_alpha().numpy(), alpha0)
+                          granularity=granularity, heur_k=heur_k, device=torch_device)
+    assert server.device.type == torch_device and not tf32_settings()["cudnn"]
+    _close("alpha before the round", server.all_alpha().cpu().numpy(), alpha0)
 
     new_state, info = algo.round(state, 0, PARTICIPANTS, ROUND_KEY)
     tinfo = server.round(0, PARTICIPANTS)
 
     # alpha as used (each HN_i is only updated at its own client's turn)
-    _close("alpha used", np.stack([a.numpy() for a in tinfo["alpha"]]), alpha0[PARTICIPANTS])
+    _close("alpha used", np.stack([a.cpu().numpy() for a in tinfo["alpha"]]), alpha0[PARTICIPANTS])
     if heur_k:
         expect = np.zeros((len(PARTICIPANTS), len(units)), bool)
         for s, i in enumerate(PARTICIPANTS):
@@ -255,7 +270,7 @@ def test_pfedla_round_parity(semantics, use_bn, granularity, heur_k):
         _close("hn params", hn_to_jax(server.hypernetworks[j].state_dict()),
                _row(new_state["hn_params"], j))
     alpha1 = np.asarray(stacked_alpha(algo.hn, new_state["hn_params"], ids))
-    _close("alpha after the round", server.all_alpha().numpy(), alpha1)
+    _close("alpha after the round", server.all_alpha().cpu().numpy(), alpha1)
 
     # the hypernetwork *update* itself agrees to 0.1% of its size (the params are O(1), so
     # the absolute check above alone would be weak), and is not vacuous: the participants'
@@ -279,7 +294,8 @@ def test_pfedla_round_parity(semantics, use_bn, granularity, heur_k):
         jax.tree.leaves(trained), jax.tree.leaves(start))) > 1e-2
 
 
-def test_fedavg_round_parity_bn():
+@pytest.mark.parametrize("torch_device", TORCH_DEVICES)
+def test_fedavg_round_parity_bn(torch_device):
     """FedAvg with the BN model (BN scale/bias averaged, running statistics kept local)."""
     use_bn = True
     _, _, _, trainer, data = _cohort(use_bn)
@@ -289,7 +305,9 @@ def test_fedavg_round_parity_bn():
     server = FedAvgServer(tmodel, data, _plan_order(trainer, ROUND_KEY), LocalConfig(lr=LR),
                           client_states=_torch_states(state["client_params"], state["batch_stats"]),
                           global_params=params_from_jax(state["global_params"],
-                                                        _row(state["batch_stats"], 0)))
+                                                        _row(state["batch_stats"], 0)),
+                          device=torch_device)
+    assert server.global_params["conv1.weight"].device.type == torch_device
     new_state, info = algo.round(state, 0, np.array([0, 1, 2]), ROUND_KEY)
     tinfo = server.round(0, [0, 1, 2])
     _close("fedavg global params", params_to_jax(server.global_params)[0],
@@ -326,3 +344,39 @@ def test_standalone_torch_rounds_smoke():
     g0 = {k: v.clone() for k, v in fedavg.global_params.items()}
     assert fedavg.round(0, range(3))["num_examples"] == [28, 28, 28]
     assert not torch.equal(g0["conv1.weight"], fedavg.global_params["conv1.weight"])
+
+
+def test_torch_device_resolution():
+    """--torch_device values: auto, cpu, cuda (an error without CUDA), anything else an error."""
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None) == resolve_device("auto")
+    assert resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+    for bad in ("tpu", "gpu", "cuda:x", "mps"):
+        with pytest.raises(UserInputError, match="torch_device"):
+            resolve_device(bad)
+    if CUDA:
+        assert resolve_device("cuda") == torch.device("cuda", torch.cuda.current_device())
+    else:
+        with pytest.raises(UserInputError, match="sees no CUDA device"):
+            resolve_device("cuda")
+
+
+@pytest.mark.parametrize("torch_device", TORCH_DEVICES)
+def test_servers_keep_everything_on_their_device(torch_device):
+    """model, data, client states and hypernetworks on the server's device; a round runs there."""
+    data = synthetic_client_data(num_clients=2, examples_per_client=12)
+    order = shuffled_batches(data, batch_size=8, local_steps=2)
+    server = PFedLAServer(CNNTarget(1, 10), data, order, LocalConfig(lr=0.05), device=torch_device,
+                          heur_k=1)
+    on = lambda t: t.device.type == torch_device
+    assert on(server.data.images) and on(server.data.labels)
+    assert all(on(p) for p in server.model.parameters())
+    assert all(on(v) for s in server.client_states for v in s.values())
+    assert all(on(p) for hn in server.hypernetworks for p in hn.parameters())
+    assert data.images.device.type == "cpu"    # the caller's data is copied, not moved
+    info = server.round(0, [1, 0])                # 2 steps: batches of 8 and 4
+    assert info["num_examples"] == [12, 12] and all(on(a) for a in info["alpha"])
+    assert all(on(v) for s in server.client_states for v in s.values())
+    fedavg = FedAvgServer(CNNTarget(1, 10), data, order, LocalConfig(lr=0.05), device=torch_device)
+    assert fedavg.round(0, [0, 1])["num_examples"] == [12, 12]
+    assert all(on(v) for v in fedavg.global_params.values())

@@ -10,7 +10,8 @@ client epoch boundaries, clients of different sizes, padding steps) and of the
 body-only aggregation.
 
 torch is an optional extra: without it this module is skipped, unless PFEDLA_REQUIRE_TORCH=1
-(CI), in which case a missing torch is an error.
+(CI), in which case a missing torch is an error. The reference runs on every torch device of
+tests/test_torch_parity.TORCH_DEVICES (cpu; cuda when there is one), TF32 off.
 """
 
 
@@ -29,10 +30,12 @@ from experiments.torch_baseline.model import CNNTarget, params_from_jax, params_
 from pfedla_jax.algorithms import FedRep, FedRepConfig, FLContext
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.models import layer_names
-from tests.test_torch_parity import (
+from tests.test_torch_parity import (  # noqa: F401  (_full_fp32: an autouse fixture)
     LR,
     ROUND_KEY,
     SIZES,
+    TORCH_DEVICES,
+    _full_fp32,
     _close,
     _cohort,
     _compare_clients,
@@ -81,7 +84,8 @@ def _max_diff(a, b):
 
 @pytest.mark.parametrize("use_bn,momentum", [pytest.param(False, 0.0, id="gray-sgd"),
                                              pytest.param(True, 0.5, id="bn-momentum")])
-def test_fedrep_two_rounds_parity(use_bn, momentum):
+@pytest.mark.parametrize("torch_device", TORCH_DEVICES)
+def test_fedrep_two_rounds_parity(use_bn, momentum, torch_device):
     n = len(SIZES)
     data = _cohort(use_bn)[4]
     algo, trainer = _jax_fedrep(use_bn, momentum)
@@ -91,7 +95,9 @@ def test_fedrep_two_rounds_parity(use_bn, momentum):
                           LocalConfig(lr=LR, momentum=momentum), batch_size=BATCH,
                           local_epochs=EPOCHS, body_epochs=BODY_EPOCHS,
                           client_states=_torch_states(state["client_params"], state["batch_stats"]),
-                          global_body=params_from_jax(global0, _row(state["batch_stats"], 0)))
+                          global_body=params_from_jax(global0, _row(state["batch_stats"], 0)),
+                          device=torch_device)
+    assert server.global_body["conv1.weight"].device.type == torch_device
     assert server.head_names == ["fc3.weight", "fc3.bias"]
     assert all(not k.startswith("fc3.") for k in server.body_names)
 

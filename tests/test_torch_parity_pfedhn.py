@@ -10,7 +10,8 @@ clip_grad_norm_ and torch.optim.SGD (param groups, momentum, weight decay): an i
 check of the batched VJP, of the optax chain and of the round semantics.
 
 torch is an optional extra: without it this module is skipped, unless PFEDLA_REQUIRE_TORCH=1
-(CI), in which case a missing torch is an error.
+(CI), in which case a missing torch is an error. The reference runs on every torch device of
+tests/test_torch_parity.TORCH_DEVICES (cpu; cuda when there is one), TF32 off.
 """
 
 
@@ -38,11 +39,13 @@ from experiments.torch_baseline import (
     shuffled_batches,
     synthetic_client_data,
 )
+from experiments.torch_baseline.parity import plan_order as _plan_order, row as _row
 from pfedla_jax.algorithms import FLContext
 from pfedla_jax.algorithms.pfedhn import PFedHN, PFedHNConfig
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.models import layer_names, make_cnn
 from tests.helpers import store_from_indices, synthetic
+from tests.test_torch_parity import TORCH_DEVICES, _full_fp32  # noqa: F401  (an autouse fixture)
 
 torch.set_num_threads(1)   # (see tests/test_torch_parity.py)
 
@@ -80,19 +83,6 @@ def _torch_model(use_bn):
     return CNNTarget(in_channels=c, num_classes=ds.num_classes, use_bn=use_bn, input_hw=(h, w))
 
 
-def _plan_order(trainer, round_key):
-    """A torch BatchOrder feeding exactly the JAX trainer's minibatches."""
-
-    def order(client_id, round_idx):
-        idx, mask = trainer.batch_plan(client_id, round_key)
-        return [torch.from_numpy(i[m].astype(np.int64)) for i, m in zip(idx, mask)]
-
-    return order
-
-
-def _row(tree, j):
-    return jax.tree.map(lambda a: np.asarray(a)[j], tree)
-
 
 def _diff(got, want):
     assert jax.tree.structure(got) == jax.tree.structure(want)
@@ -121,7 +111,8 @@ CASES = [  # (each case compiles one round program: two, for the CPU budget)
 
 
 @pytest.mark.parametrize("semantics,use_bn,clip", CASES)
-def test_pfedhn_round_parity(semantics, use_bn, clip):
+@pytest.mark.parametrize("torch_device", TORCH_DEVICES)
+def test_pfedhn_round_parity(semantics, use_bn, clip, torch_device):
     n = len(SIZES)
     _, store, model, trainer, data = _cohort(use_bn)
     ds = _cohort(use_bn)[0]
@@ -150,7 +141,9 @@ def test_pfedhn_round_parity(semantics, use_bn, clip):
                           client_states=[params_from_jax(_row(state["client_params"], j),
                                                          _row(state["batch_stats"], j)) for j in range(n)],
                           hn_lr=cfg.hn_lr, embed_lr=cfg.embed_lr, hn_momentum=cfg.hn_momentum,
-                          hn_weight_decay=cfg.hn_weight_decay, hn_clip=clip, semantics=semantics)
+                          hn_weight_decay=cfg.hn_weight_decay, hn_clip=clip, semantics=semantics,
+                          device=torch_device)
+    assert next(hyper.parameters()).device.type == torch_device
     new_state, info = algo.round(state, 0, PARTICIPANTS, ROUND_KEY)
     tinfo = server.round(0, PARTICIPANTS)
 

@@ -5,11 +5,22 @@
   fl.py            ClientData, batch orders, train_client, FedAvgServer, PFedLAServer
   pfedhn.py        pFedHN: CNNHyper (nn.Module), PFedHNServer + hypernetwork converters
   fedrep.py        FedRep: FedRepServer (head epochs, then body epochs; body averaged)
+  device.py        --torch_device (auto | cpu | cuda), TF32 off for comparisons, synchronize
+  parity.py        one pFedLA round of JAX and of this reference from the same start, compared
+                   (used by experiments.gpu_check on the GPU)
+
+Every server takes `device=` and runs the same code on the CPU or a CUDA device.
 
 The parity tests (tests/test_torch_parity*.py) check one or two rounds of each against the JAX
 implementation from identical weights and the identical batch order.
 """
 
+from experiments.torch_baseline.device import (
+    DEVICE_CHOICES,
+    no_tf32,
+    resolve_device,
+    synchronize,
+)
 from experiments.torch_baseline.fl import (
     BatchOrder,
     ClientData,
@@ -42,5 +53,6 @@ __all__ = [
     "init_client_states", "params_from_jax", "params_to_jax", "shuffled_batches",
     "synthetic_client_data", "train_client",
 ]
+__all__ += ["DEVICE_CHOICES", "no_tf32", "resolve_device", "synchronize"]
 __all__ += ["CNNHyper", "FedRepServer", "PFedHNServer", "pfedhn_from_jax", "pfedhn_to_jax",
             "train_phase"]

@@ -104,14 +104,15 @@ class FedRepServer(_Server):
       head: module names of the head (default: the last linear layer, 'fc3').
       global_body: the initial global body (default: the clients' initial bodies averaged
         with train-set weights).
+      device: see `fl._Server`.
     """
 
     def __init__(self, model: nn.Module, data: ClientData, batch_order: BatchOrder,
                  local: LocalConfig = LocalConfig(), *, batch_size: int, local_epochs: int,
                  body_epochs: int = 1, head: Sequence[str] = ("fc3",),
                  client_states: list[dict] | None = None, global_body: dict | None = None,
-                 init: str = "common"):
-        super().__init__(model, data, batch_order, local, client_states, init)
+                 init: str = "common", device: str | torch.device | None = None):
+        super().__init__(model, data, batch_order, local, client_states, init, device)
         if not 1 <= body_epochs <= local_epochs:
             raise ValueError(f"body_epochs must be in [1, local_epochs={local_epochs}], "
                              f"got {body_epochs}")
@@ -129,7 +130,8 @@ class FedRepServer(_Server):
             raise ValueError(f"head {tuple(head)} leaves no head or no body parameters")
         if global_body is None:
             global_body = self.average_body(list(range(self.num_clients)), self.client_states)
-        self.global_body = {k: global_body[k].detach().clone() for k in self.body_names}
+        self.global_body = {k: global_body[k].detach().to(self.device, copy=True)
+                            for k in self.body_names}
 
     # ------------------------------------------------------------------ client side
     def head(self, client_id: int) -> dict:

@@ -28,11 +28,17 @@ Masking/partial batches: a batch is a LongTensor of example indices; the loss is
 cross-entropy over it, so a partial last batch is simply a shorter tensor, and an empty
 tensor (a padding step of a client smaller than the cohort's largest) is skipped.
 
+Devices: every server takes `device=` ('auto', 'cpu', 'cuda', a torch.device; default:
+the model's device) and runs the same code there: the model, the data tensors, the clients'
+state_dicts and the hypernetworks are moved to it; batches are CPU index tensors, moved per
+step. Returned tensors (alpha, state_dicts) live on that device. See device.py (and its
+`no_tf32()` for comparisons with JAX on a GPU).
+
 Typical use (synthetic data, N clients, S local steps):
 
     data = synthetic_client_data(num_clients=N, examples_per_client=200)
     order = shuffled_batches(data, batch_size=32, local_steps=S)
-    server = PFedLAServer(CNNTarget(1, 10), data, order, LocalConfig(lr=0.05))
+    server = PFedLAServer(CNNTarget(1, 10), data, order, LocalConfig(lr=0.05), device="auto")
     info = server.round(0, range(N))
 """
 
@@ -46,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.torch_baseline.device import resolve_device
 from experiments.torch_baseline.hypernetwork import LayerWeightHypernetwork
 
 # (client_id, round_idx) -> that client's minibatches this round, each a LongTensor of
@@ -65,7 +72,8 @@ class ClientData:
     Attributes:
       images: float32 [M, C, H, W], normalised.
       labels: int64 [M].
-      train_indices: per client, a LongTensor of indices into images/labels.
+      train_indices: per client, a LongTensor of indices into images/labels (kept on the
+        CPU: batch orders are made there).
     """
 
     images: torch.Tensor
@@ -75,6 +83,18 @@ class ClientData:
     @property
     def num_clients(self) -> int:
         return len(self.train_indices)
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> ClientData:
+        """This data with images and labels on `device` (the same object if already there)."""
+        device = torch.device(device)
+        if self.images.device == device and self.labels.device == device:
+            return self
+        return ClientData(images=self.images.to(device), labels=self.labels.to(device),
+                          train_indices=self.train_indices)
 
     def train_count(self, client_id: int) -> int:
         return int(self.train_indices[client_id].numel())
@@ -146,22 +166,29 @@ class LocalConfig:
 
 def train_client(model: nn.Module, data: ClientData, batches: Iterable[torch.Tensor],
                  config: LocalConfig) -> tuple[float, int]:
-    """Local SGD on `model` in place; returns (sum of per-example losses, examples seen)."""
+    """Local SGD on `model` in place; returns (sum of per-example losses, examples seen).
+
+    `model` and `data` on the same device; each batch (a LongTensor of indices, usually on
+    the CPU) is moved there. The loss sum is accumulated on the device and read once at the
+    end (no host synchronisation per step on a GPU).
+    """
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    loss_sum, seen = 0.0, 0
+    device = data.images.device
+    loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
     for idx in batches:
         if len(idx) == 0:  # padding step: nothing to train on
             continue
+        idx = idx.to(device, non_blocking=True)
         x, y = data.images[idx], data.labels[idx]
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(idx)
+        loss_sum += loss.detach().double() * len(idx)
         seen += len(idx)
-    return loss_sum, seen
+    return float(loss_sum.item()), seen
 
 
 def init_client_states(model: nn.Module, num_clients: int, init: str = "common") -> list[dict]:
@@ -179,8 +206,11 @@ def init_client_states(model: nn.Module, num_clients: int, init: str = "common")
     return states
 
 
-def clone_state(state: dict) -> dict:
-    return {k: v.detach().clone() for k, v in state.items()}
+def clone_state(state: dict, device: torch.device | None = None) -> dict:
+    """A detached copy of a state_dict (on `device`, default: where each tensor is)."""
+    if device is None:
+        return {k: v.detach().clone() for k, v in state.items()}
+    return {k: v.detach().to(device, copy=True) for k, v in state.items()}
 
 
 class _Server:
@@ -191,14 +221,26 @@ class _Server:
       data: the clients' data.
       batch_order: which minibatches each client trains on per round.
       local: client optimisation.
-      client_states: initial state_dicts (default: from `init`).
+      client_states: initial state_dicts (default: from `init`), on any device.
       init: 'common' or 'independent' (when client_states is None).
+      device: where everything runs: 'auto', 'cpu', 'cuda[:K]' or a torch.device (None: the
+        model's device). The model is moved there (in place), the data and client states
+        copied there. Raises UserInputError (device.resolve_device) for a CUDA device
+        without CUDA.
+
+    Attributes: model, data (on `device`), batch_order, local, num_clients, param_names,
+    client_states (list of state_dicts on `device`), device.
     """
 
     def __init__(self, model: nn.Module, data: ClientData, batch_order: BatchOrder,
-                 local: LocalConfig, client_states: list[dict] | None, init: str):
-        self.model = model
-        self.data = data
+                 local: LocalConfig, client_states: list[dict] | None, init: str,
+                 device: str | torch.device | None = None):
+        if device is None:
+            first = next(model.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.data = data.to(self.device)
         self.batch_order = batch_order
         self.local = local
         self.num_clients = data.num_clients
@@ -206,7 +248,7 @@ class _Server:
         states = client_states or init_client_states(model, self.num_clients, init)
         if len(states) != self.num_clients:
             raise ValueError(f"{len(states)} client states for {self.num_clients} clients")
-        self.client_states = [clone_state(s) for s in states]
+        self.client_states = [clone_state(s, self.device) for s in states]
 
     def client_update(self, client_id: int, start_params: dict, round_idx: int):
         """Trains client `client_id` from `start_params` (+ its own BN statistics).
@@ -231,15 +273,18 @@ class FedAvgServer(_Server):
 
     def __init__(self, model: nn.Module, data: ClientData, batch_order: BatchOrder,
                  local: LocalConfig = LocalConfig(), *, client_states: list[dict] | None = None,
-                 global_params: dict | None = None, init: str = "common"):
-        super().__init__(model, data, batch_order, local, client_states, init)
+                 global_params: dict | None = None, init: str = "common",
+                 device: str | torch.device | None = None):
+        super().__init__(model, data, batch_order, local, client_states, init, device)
         if global_params is None:
             global_params = self.average(list(range(self.num_clients)), self.client_states)
-        self.global_params = {k: global_params[k].detach().clone() for k in self.param_names}
+        self.global_params = {k: global_params[k].detach().to(self.device, copy=True)
+                              for k in self.param_names}
 
     def average(self, client_ids: Sequence[int], states: Sequence[dict]) -> dict:
         """sum_s w_s theta_s with w_s = n_s / sum n (trainable params only)."""
-        counts = torch.tensor([self.data.train_count(i) for i in client_ids], dtype=torch.float32)
+        counts = torch.tensor([self.data.train_count(i) for i in client_ids], dtype=torch.float32,
+                              device=self.device)
         weights = counts / counts.sum()
         return {k: sum(w * s[k] for w, s in zip(weights, states)) for k in self.param_names}
 
@@ -287,6 +332,7 @@ class PFedLAServer(_Server):
       hn_sign: 'descent' (psi += hn_lr * J^T delta) or 'flbench' (psi -= ...).
       heur_k: HeurpFedLA's number of retained units (0 = pFedLA).
       hn_kwargs: extra LayerWeightHypernetwork arguments (embed_dim, normalization, ...).
+      device: see `_Server` (the hypernetworks are moved there too).
     """
 
     def __init__(self, model: nn.Module, data: ClientData, batch_order: BatchOrder,
@@ -294,8 +340,9 @@ class PFedLAServer(_Server):
                  hypernetworks: list[LayerWeightHypernetwork] | None = None, hn_lr: float = 0.5,
                  hn_optimizer: str = "sgd", hn_momentum: float = 0.0, granularity: str = "layer",
                  semantics: str = "synchronous", hn_sign: str = "descent", heur_k: int = 0,
-                 init: str = "common", hn_kwargs: dict | None = None):
-        super().__init__(model, data, batch_order, local, client_states, init)
+                 init: str = "common", hn_kwargs: dict | None = None,
+                 device: str | torch.device | None = None):
+        super().__init__(model, data, batch_order, local, client_states, init, device)
         if semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
         if hn_sign not in HN_SIGNS:
@@ -305,8 +352,8 @@ class PFedLAServer(_Server):
             raise ValueError(f"heur_k must be in [0, {len(self.units) - 1}], got {heur_k}")
         self.semantics, self.hn_sign, self.heur_k = semantics, hn_sign, heur_k
         n, num_units = self.num_clients, len(self.units)
-        self.hypernetworks = hypernetworks or [
-            LayerWeightHypernetwork(n, num_units, i, **(hn_kwargs or {})) for i in range(n)]
+        self.hypernetworks = [hn.to(self.device) for hn in hypernetworks or [
+            LayerWeightHypernetwork(n, num_units, i, **(hn_kwargs or {})) for i in range(n)]]
         if hn_optimizer == "sgd":
             make = lambda p: torch.optim.SGD(p, lr=hn_lr, momentum=hn_momentum)
         elif hn_optimizer == "adam":

@@ -68,7 +68,8 @@ class LayerWeightHypernetwork(nn.Module):
             return F.softmax(scores, dim=-1)
         a = F.relu(scores)
         total = a.sum(dim=-1, keepdim=True)
-        one_hot = F.one_hot(torch.tensor(self.client_id), scores.shape[-1]).to(a.dtype)
+        one_hot = F.one_hot(torch.tensor(self.client_id, device=scores.device),
+                            scores.shape[-1]).to(a.dtype)
         # (divide by 1 where the sum is 0, so the unused branch has a finite gradient)
         return torch.where(total > 0, a / torch.where(total > 0, total, torch.ones_like(total)),
                            one_hot)

@@ -72,7 +72,8 @@ class CNNHyper(nn.Module):
 
     def forward(self, idx) -> OrderedDict:
         """{param name: tensor of the target's shape} for client `idx` (an int or a 0-d tensor)."""
-        features = self.mlp(self.embeddings(torch.as_tensor(idx, dtype=torch.long)))
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.embeddings.weight.device)
+        features = self.mlp(self.embeddings(idx))
         return OrderedDict((name, self.heads[_head_key(name)](features).view(shape))
                            for name, shape in self.shapes.items())
 
@@ -160,6 +161,8 @@ class PFedHNServer(_Server):
       hn_lr, embed_lr (None: hn_lr), hn_momentum, hn_weight_decay: torch.optim.SGD.
       hn_clip: clip_grad_norm_ of all hypernetwork parameters before each step (0 = off).
       semantics: 'synchronous' or 'sequential'.
+      device: see `fl._Server` (the hypernetwork is moved there too, before its optimizer
+        is built).
     """
 
     def __init__(self, model: nn.Module, data: ClientData, batch_order: BatchOrder,
@@ -167,11 +170,12 @@ class PFedHNServer(_Server):
                  client_states: list[dict] | None = None, hn_lr: float = 1e-2,
                  embed_lr: float | None = None, hn_momentum: float = 0.9,
                  hn_weight_decay: float = 1e-3, hn_clip: float = 50.0,
-                 semantics: str = "synchronous", init: str = "common"):
-        super().__init__(model, data, batch_order, local, client_states, init)
+                 semantics: str = "synchronous", init: str = "common",
+                 device: str | torch.device | None = None):
+        super().__init__(model, data, batch_order, local, client_states, init, device)
         if semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
-        self.hnet, self.hn_clip, self.semantics = hnet, hn_clip, semantics
+        self.hnet, self.hn_clip, self.semantics = hnet.to(self.device), hn_clip, semantics
         self.grad_norms: list[float] = []   # of every step's gradient, before clipping
         embed_lr = embed_lr if embed_lr is not None else hn_lr
         self.optimizer = torch.optim.SGD(

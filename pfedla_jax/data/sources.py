@@ -370,7 +370,13 @@ def _load_tfds(name: str, data_dir: str | None) -> Dataset:
 @functools.lru_cache(maxsize=4)
 def _load_tfds_cached(tfds_name: str, data_dir: str | None) -> Dataset:
     # Imported lazily: tensorflow_datasets is only needed for tfds: names.
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    try:
+        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        raise UserInputError(
+            f"tfds:{tfds_name} needs tensorflow-datasets, which is not installed (pip install "
+            "tensorflow-datasets array-record); fmnist, synthetic and synthetic_rgb work without it"
+        ) from None
 
     if tfds_name.startswith("emnist/"):
         # Validate the config ourselves: TFDS's own error is many lines long.

@@ -2,10 +2,14 @@
 
 Layout:
   config.json          the ExperimentConfig that created the workdir (a re-run must match)
+  partition.json       the clients' train/test examples (data/partition_file.py; training.loop
+                       writes it and refuses to resume on another partition)
   checkpoints/<round>/ orbax checkpoints: the algorithm state plus the loop's own state
   metrics.jsonl        one JSON object per evaluated round (the contract tests read)
   metrics.csv          the same rows, scalar columns only
-  tb/                  TensorBoard event files (per-round and per-evaluation scalars)
+  tb/                  TensorBoard event files (per-round and per-evaluation scalars; written
+                       with tensorboardX's protos: without tensorboardX installed a run warns
+                       once on stderr and writes no events, everything else unchanged)
   <export>.npz         arrays the algorithm exports at evaluations (pFedLA: alpha.npz,
                        alpha of every client and layer at every evaluated round)
   summary.json         written when the run ends
@@ -25,11 +29,13 @@ remakes the plots); --overwrite removes everything the workdir's run wrote.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import shutil
 import socket
 import struct
+import sys
 import time
 import uuid
 from typing import Any
@@ -45,7 +51,7 @@ CHECKPOINT_DIR = "checkpoints"
 TB_DIR = "tb"
 PLOTS_DIR = "plots"  # experiments.plots writes here by default
 SUMMARY_FILE = "summary.json"
-OUTPUT_FILES = ("metrics.jsonl", "metrics.csv", SUMMARY_FILE, CONFIG_FILE)
+OUTPUT_FILES = ("metrics.jsonl", "metrics.csv", SUMMARY_FILE, CONFIG_FILE, "partition.json")
 OUTPUT_DIRS = (CHECKPOINT_DIR, TB_DIR, PLOTS_DIR)
 # Fields that may change between an interrupted run and its resumption: more rounds extend
 # a run; the others do not change what is computed.
@@ -300,6 +306,35 @@ class EventFile:
         self._f.close()
 
 
+TENSORBOARDX_MISSING = ("warning: tensorboardX is not installed: no TensorBoard events are "
+                        "written (pip install tensorboardX)")
+
+
+@functools.lru_cache(maxsize=None)
+def tensorboardx_available() -> bool:
+    """Whether the parts of tensorboardX this module uses import (checked once per process).
+
+    tensorboardX is optional at run time: a bare machine (jax, flax, optax, numpy, absl,
+    orbax) runs experiments without it and writes no events (`MetricsWriter` warns once)."""
+    try:
+        import tensorboardX.proto.event_pb2  # noqa: F401  pylint: disable=unused-import
+        import tensorboardX.record_writer  # noqa: F401  pylint: disable=unused-import
+        import tensorboardX.summary  # noqa: F401  pylint: disable=unused-import
+    except ImportError:
+        return False
+    return True
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """One line on stderr, the first time per process that `key` warns."""
+    if key not in _warned:
+        _warned.add(key)
+        print(message, file=sys.stderr, flush=True)
+
+
 def _eval_tag(key: str) -> str:
     from tensorboardX.summary import scalar
 
@@ -350,7 +385,9 @@ class MetricsWriter:
         else a predicate on the round of an existing row (resume).
       resume_round: the round the run resumes after (later TensorBoard events are dropped).
       tensorboard: write event files to WORKDIR/tb (existing events are truncated on resume
-        either way).
+        either way). Without tensorboardX installed: one warning line on stderr
+        (TENSORBOARDX_MISSING, once per process), no events written or truncated (a resumed
+        run's WORKDIR/tb is left as it was); metrics.jsonl and metrics.csv as always.
     """
 
     def __init__(self, workdir: str, keep=None, resume_round: int | None = None,
@@ -378,7 +415,12 @@ class MetricsWriter:
         _replace_file(self.jsonl, lambda f: f.writelines(json.dumps(r) + "\n" for r in self.records))
         self._csv_columns: list[str] | None = None
         self._rewrite_csv()
-        if keep is not None:
+        old_events = keep is not None and bool(event_files(tb_dir))
+        if (tensorboard or old_events) and not tensorboardx_available():
+            _warn_once("tensorboardX", TENSORBOARDX_MISSING + (
+                f"; the events already in {tb_dir} are left as they were" if old_events else ""))
+            tensorboard = old_events = False
+        if old_events:
             truncate_tensorboard(tb_dir, resume_round, self.records)
         # the event file is opened at the first event (a finished run found again adds none);
         # its own name: tensorboardX names files by the second, and a same name would truncate
