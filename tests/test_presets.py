@@ -56,7 +56,7 @@ def test_presets_exist():
     expected = {f"table{t}_{d}_n{n}" for t in (1, 2) for d in SHORT for n in (10, 100)}
     expected |= {"table3_emnist_k1", "table3_emnist_k2", "table3_cifar10_k1", "table3_cifar10_k2",
                  "table3_cifar10_k3", "fmnist_quick", "fig6_fmnist_quick",
-                 "table1_fmnist_n10_small", "fig5_fmnist_small"}
+                 "table1_fmnist_n10_small", "table2_fmnist_n10_small", "fig5_fmnist_small"}
     expected |= {f"fig6_{d}" for d in SHORT}
     assert expected <= set(NAMES), expected - set(NAMES)
 

@@ -1,4 +1,5 @@
-"""Data layer: sources (local IDX, TFDS, synthetic), client partitions, device store.
+"""Data layer: sources (local IDX, TFDS, synthetic), client partitions (and their files),
+device store.
 
 `tensorflow_datasets` is imported only when a ``tfds:`` dataset is loaded.
 """
@@ -8,6 +9,12 @@ from pfedla_jax.data.partition import (
     Partition,
     make_partition,
     max_samples_per_client,
+)
+from pfedla_jax.data.partition_file import (
+    dataset_fingerprint,
+    partition_record,
+    read_partition,
+    write_partition,
 )
 from pfedla_jax.data.sources import (
     DEFAULT_FMNIST_DIR,
@@ -33,10 +40,14 @@ __all__ = [
     "Partition",
     "build_client_store",
     "clear_cache",
+    "dataset_fingerprint",
     "label_histogram",
     "load_dataset",
     "make_partition",
     "max_samples_per_client",
     "normalize_images",
+    "partition_record",
+    "read_partition",
     "synthetic_templates",
+    "write_partition",
 ]

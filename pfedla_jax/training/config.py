@@ -38,7 +38,7 @@ class ExperimentConfig:
     algorithm: str = "fedavg"
     # data
     dataset: str = "fmnist"
-    partition: str = "noniid1"
+    partition: str = "noniid1"      # a scheme (data/partition.py) or file:PATH (data/partition_file.py)
     classes_per_client: int = 4
     dominant_classes: int = 2
     dominant_share: float = 0.8
@@ -85,6 +85,9 @@ class ExperimentConfig:
             raise UserInputError(f"unknown --init {self.init!r}; expected one of {', '.join(INITS)}")
         if self.use_bn not in ("auto", "true", "false"):
             raise UserInputError(f"--use_bn must be auto, true or false, got {self.use_bn!r}")
+        if self.partition.startswith("file:") and not self.partition[len("file:"):].strip():
+            raise UserInputError("--partition=file: needs the path of a partition file "
+                                 "(--partition=file:PATH.json)")
         if self.samples_per_client < 0:
             raise UserInputError(f"--samples_per_client must be >= 0, got {self.samples_per_client}")
         self.train.validate()

@@ -11,13 +11,17 @@ split the way the flax examples split `train_and_evaluate`, with one direction o
     Run.checkpoint     every --checkpoint_every rounds and at the end
   finish             summary.json
 
-Files in the workdir: see training/workdir.py.
+Files in the workdir: see training/workdir.py; start_run also writes partition.json, the
+clients' examples (data/partition_file.py), and refuses to resume on another partition.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +35,7 @@ from pfedla_jax.algorithms import FLContext, algorithm_class
 from pfedla_jax.core.evaluation import Evaluator, summarize
 from pfedla_jax.core.local_training import ClientTrainer
 from pfedla_jax.data import build_client_store, load_dataset, make_partition
+from pfedla_jax.data import partition_file
 from pfedla_jax.data.store import label_histogram
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import layer_names, make_cnn
@@ -83,6 +88,8 @@ class Experiment:
     keys: ExperimentKeys
     schedule: np.ndarray  # [rounds, S]
     class_map: tuple[int, ...] | None = None  # the source's label of each class (None: identity)
+    # the partition as written to WORKDIR/partition.json (data/partition_file.py)
+    partition_record: dict | None = None
     _round_keys: np.ndarray | None = None
 
     def round_key(self, t: int) -> np.ndarray:
@@ -97,17 +104,32 @@ class Experiment:
 
 
 def build_experiment(config: ExperimentConfig, options: RunOptions = RunOptions()) -> Experiment:
-    """Validates the config, then loads data, partitions it, builds model, trainer and algorithm."""
+    """Validates the config, then loads data, partitions it, builds model, trainer and algorithm.
+
+    The partition: `make_partition` of the config's scheme, or for ``file:PATH`` the file,
+    checked against the dataset and num_clients (`partition_file.read_partition`).
+    """
     config.validate()
     options.validate()
     dataset = load_dataset(config.dataset, options.data_dir,
                            synthetic_per_class=config.synthetic_per_class, seed=config.seed)
-    partition = make_partition(
-        dataset.labels, dataset.num_classes, config.num_clients, config.partition,
-        classes_per_client=config.classes_per_client, dominant_classes=config.dominant_classes,
-        dominant_share=config.dominant_share, dirichlet_alpha=config.dirichlet_alpha,
-        min_client_size=config.min_client_size,
-        samples_per_client=config.samples_per_client or None, seed=config.seed)
+    path = partition_file.file_partition_path(config.partition)
+    if path is not None:
+        partition, stored = partition_file.load_partition(path, dataset, config.num_clients)
+        # the file's description of how the split was made, and where this run read it
+        params = stored.get("parameters")
+        fields = dict(params if isinstance(params, dict) else {}, seed=stored.get("seed"),
+                      source=path)
+    else:
+        fields = dict(classes_per_client=config.classes_per_client,
+                      dominant_classes=config.dominant_classes,
+                      dominant_share=config.dominant_share, dirichlet_alpha=config.dirichlet_alpha,
+                      min_client_size=config.min_client_size,
+                      samples_per_client=config.samples_per_client or None,
+                      train_fraction=_TRAIN_FRACTION, seed=config.seed)
+        partition = make_partition(dataset.labels, dataset.num_classes, config.num_clients,
+                                   config.partition, **fields)
+    record = partition_file.partition_record(partition, dataset, fields)
     store = build_client_store(dataset, partition)
     # make_partition guarantees every client >= 1 train and >= 1 test example (issue 13 §2)
     assert np.all(np.asarray(store.train_count) > 0) and np.all(np.asarray(store.test_count) > 0)
@@ -123,7 +145,11 @@ def build_experiment(config: ExperimentConfig, options: RunOptions = RunOptions(
     schedule = participation_schedule(keys.schedule, config.num_clients, config.clients_per_round,
                                       config.rounds)
     return Experiment(config, algorithm, ctx, evaluator, partition, keys, schedule,
-                      class_map=dataset.class_map)
+                      class_map=dataset.class_map, partition_record=record)
+
+
+# the train share make_partition uses (not a config field: the paper's 70/30 split)
+_TRAIN_FRACTION = inspect.signature(make_partition).parameters["train_fraction"].default
 
 
 @jax.jit
@@ -209,8 +235,17 @@ def start_run(exp: Experiment, workdir: str | None, options: RunOptions) -> Run:
     if resume_round is not None and resume_round > config.rounds:
         raise UserInputError(f"--workdir {workdir!r} holds a run already at round {resume_round}, "
                              f"past --rounds={config.rounds}; use --overwrite or more rounds")
-    write_config(workdir, config)  # only now: a refused command leaves the workdir as it was
+    partition_path = os.path.join(workdir, partition_file.FILE_NAME)
     if resume_round is not None:
+        _check_same_partition(partition_path, exp.partition_record, workdir)
+    if resume_round is not None and resume_round == config.rounds and read_summary(workdir) is not None:
+        # a finished run found again: nothing runs and `finish` returns its summary as it was
+        # written, so the state is not read back (a checkpoint of another state layout, e.g.
+        # from an older version, does not stop the run's results from being read)
+        run.next_round = run.resumed_from = resume_round
+        keep = lambda r: kept_round(r, resume_round=resume_round, eval_every=config.eval_every,
+                                    rounds=config.rounds)
+    elif resume_round is not None:
         step, saved, arrays, meta = run.checkpoints.restore(algo.to_checkpoint(state))
         saved_schedule = np.asarray(arrays["schedule"])
         if not np.array_equal(saved_schedule, exp.schedule[:saved_schedule.shape[0]]) or not np.array_equal(
@@ -223,12 +258,57 @@ def start_run(exp: Experiment, workdir: str | None, options: RunOptions) -> Run:
         run.bytes_up_total, run.bytes_down_total = int(meta["bytes_up_total"]), int(meta["bytes_down_total"])
         keep = lambda r: kept_round(r, resume_round=step, eval_every=config.eval_every,
                                     rounds=config.rounds)
+    # only now, after every check of the resumed state: a refused command leaves the workdir
+    # as it was
+    write_config(workdir, config)
+    # a workdir resumed without a partition.json (written before partition files existed) does
+    # not get one: this version's split need not be the one that run was trained on
+    if exp.partition_record is not None and (resume_round is None or os.path.exists(partition_path)):
+        partition_file.write_partition(partition_path, exp.partition_record)
     if run.next_round < config.rounds:
         remove_finished_outputs(workdir)  # this command changes the run's end
     run.writer = MetricsWriter(workdir, keep, resume_round, options.tensorboard)
     run.records = run.writer.records
     run.exports = ExportLog(workdir, algo.export_name, algo.export_metadata(), keep)
     return run
+
+
+def _check_same_partition(path: str, record: dict | None, workdir: str) -> None:
+    """Refuses to resume on another partition than the one the workdir's run was trained on.
+
+    Compares the dataset fingerprint and every client's train and test indices (in order)
+    of WORKDIR/partition.json with `record`; a workdir without the file (an older run) passes.
+
+    Raises:
+      UserInputError: they differ, or the workdir's partition.json cannot be read.
+    """
+    if record is None or not os.path.exists(path):
+        return
+    hint = f"; use --overwrite or another --workdir than {workdir!r}"
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise UserInputError(f"cannot read {path!r}, the partition this workdir was trained "
+                             f"on" + hint) from None
+    meta = stored.get("dataset") if isinstance(stored, dict) else None
+    fingerprint = meta.get("fingerprint") if isinstance(meta, dict) else None
+    clients = stored.get("clients") if isinstance(stored, dict) else None
+    why = None
+    if fingerprint != record["dataset"]["fingerprint"]:
+        why = (f"dataset fingerprint {str(fingerprint)[:12]} there, "
+               f"{record['dataset']['fingerprint'][:12]} now")
+    elif not isinstance(clients, list) or len(clients) != len(record["clients"]):
+        why = (f"{len(clients) if isinstance(clients, list) else 'no'} clients there, "
+               f"{len(record['clients'])} now")
+    else:
+        for i, (old, new) in enumerate(zip(clients, record["clients"])):
+            if not isinstance(old, dict) or old.get("train") != new["train"] or old.get("test") != new["test"]:
+                why = f"client {i}'s examples differ"
+                break
+    if why is not None:
+        raise UserInputError(f"the partition differs from the one this workdir was trained on "
+                             f"({path}: {why})" + hint)
 
 
 def evaluate_round(exp: Experiment, state: Any, round_done: int) -> tuple[dict, Any]:
@@ -317,6 +397,11 @@ def train_loop(exp: Experiment, run: Run, progress: Progress) -> None:
 def finish(exp: Experiment, run: Run, seconds: float) -> dict[str, Any]:
     """The run's summary (written to WORKDIR/summary.json); also returns the metrics rows."""
     config, ctx, records = exp.config, exp.context, run.records
+    stored = read_summary(run.workdir) if run.workdir and run.resumed_from == config.rounds else None
+    if stored is not None and records:
+        # a finished run found again: its summary stays as it was written
+        stored["records"] = records
+        return stored
     if not records:
         raise UserInputError(f"--workdir {run.workdir!r} holds a finished run without metrics.jsonl rows; "
                              "use --overwrite to run it again")
@@ -339,6 +424,8 @@ def finish(exp: Experiment, run: Run, seconds: float) -> dict[str, Any]:
         "test_examples_per_client": np.asarray(ctx.store.test_count).tolist(),
         "label_histogram": label_histogram(ctx.store).tolist(),
         "samples_per_client": exp.partition.samples_per_client,
+        # the file a --partition=file:PATH run read its split from (None: made by the scheme)
+        "partition_source": (exp.partition_record or {}).get("source"),
         # class i of this run is label class_map[i] of the source (labels that did not fill
         # 0..C-1 were mapped in order); None: the source's labels as they are
         "class_map": None if exp.class_map is None else [int(c) for c in exp.class_map],
@@ -347,11 +434,7 @@ def finish(exp: Experiment, run: Run, seconds: float) -> dict[str, Any]:
         "jax_version": jax.__version__,
     }
     if run.workdir:
-        stored = read_summary(run.workdir) if run.resumed_from == config.rounds else None
-        if stored is not None:
-            summary = stored  # a finished run found again: its summary stays as it was written
-        else:
-            write_summary(run.workdir, summary)
+        write_summary(run.workdir, summary)
     summary["records"] = records
     return summary
 

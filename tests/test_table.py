@@ -1,0 +1,214 @@
+"""experiments.table: the paper's table in one command.
+
+The tool runs real experiments.run processes on synthetic data (the preset's real-FMNIST
+settings overridden through --run_flags); its numbers are checked against each run's own
+metrics.jsonl, mean and std recomputed here with numpy, the paper column against the paper.
+"""
+
+import csv
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from experiments import table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ("--dataset=synthetic --synthetic_per_class=40 --num_clients=4 --samples_per_client=0 "
+        "--classes_per_client=2 --local_epochs=1 --lr=0.05 --eval_every=1 --host_devices=1 "
+        "--client_parallelism=loop --tensorboard=false")
+
+
+def _tool(args, timeout=600, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "experiments.table", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+TABLE_PRESETS = sorted(glob.glob(os.path.join(table.PRESET_DIR, "table[12]_*.flags")))
+
+
+@pytest.mark.parametrize("path", TABLE_PRESETS, ids=[os.path.basename(p) for p in TABLE_PRESETS])
+def test_every_table_preset_gives_the_paper_number_of_every_row(path):
+    preset = table.read_preset(path)
+    has_bn = table.model_has_bn(preset.flags)
+    expected = {k for k in table.METHOD_KEYS if k != "fedbn" or has_bn}
+    assert set(preset.paper) == expected, (preset.name, set(preset.paper) ^ expected)
+    for mean, std in preset.paper.values():
+        assert 10 < mean < 100 and 0 < std < 5
+
+
+def test_paper_numbers_parse_the_papers_fmnist_cells():
+    t1 = table.read_preset(table.resolve_preset("table1_fmnist_n10_small")).paper
+    t2 = table.read_preset(table.resolve_preset("table2_fmnist_n10_small")).paper
+    # the paper's Table 1 / Table 2, FMNIST 10 clients (digest §8.1, §8.2)
+    assert t1 == {"local": (85.83, 0.17), "fedavg": (91.24, 0.98), "perfedavg": (93.63, 1.83),
+                  "pfedme": (90.43, 0.86), "pfedhn": (94.83, 0.33), "fedrep": (93.17, 0.26),
+                  "fedfomo": (86.17, 0.34), "pfedla": (94.34, 0.29), "heurpfedla": (95.47, 0.47)}
+    assert t2["local"] == (65.60, 0.59) and t2["pfedla"] == (93.89, 0.91) and t2["fedfomo"] == (64.10, 0.38)
+    # a wrapped sentence, a row left empty, and 'Per-FedAvg' is not 'FedAvg'
+    text = "# Paper (x): pFedLA 1.5±0.1, HeurpFedLA (k=1)\n# 2.5±0.2, Per-FedAvg 3±1.\n# Paper, the baselines: FedBN –, FedAvg 4.0±0.3."
+    assert table.paper_numbers(text) == {"pfedla": (1.5, 0.1), "heurpfedla": (2.5, 0.2),
+                                         "perfedavg": (3.0, 1.0), "fedavg": (4.0, 0.3)}
+
+
+def test_methods_and_budget():
+    assert table.parse_methods("all", has_bn=False) == [k for k in table.METHOD_KEYS if k != "fedbn"]
+    assert "fedbn" in table.parse_methods("all", has_bn=True)
+    assert table.parse_methods("pfedla,local", has_bn=False) == ["local", "pfedla"]  # the paper's order
+    assert table.model_has_bn(["--dataset=tfds:cifar10"]) and not table.model_has_bn(["--dataset=fmnist"])
+    assert table.model_has_bn(["--dataset=fmnist", "--use_bn=true"])
+    preset = table.read_preset(table.resolve_preset("table1_fmnist_n10_small"))
+    specs = table.plan_runs(preset, [0], ["heurpfedla"], "cpu", [], "/tmp/x")
+    argv = specs[0].argv
+    # budget after the preset, method flags after the budget, seed and workdir last
+    assert argv.index("--rounds=100") < argv.index("--algorithm=pfedla") < argv.index("--heur_k=1")
+    assert argv[-3:] == ("--seed=0", "--workdir=/tmp/x/runs/heurpfedla/seed_0", "--quiet")
+
+
+def test_aggregate_and_order_differences_by_hand():
+    res = [{"method": m, "seed": s, "final": f, "last10": l, "best": b, "views": v,
+            "median_round_seconds": t}
+           for m, s, f, l, b, v, t in [
+               ("local", 0, 0.80, 0.79, 0.81, {}, 1.0), ("local", 1, 0.90, 0.88, 0.91, {}, 3.0),
+               ("fedavg", 0, 0.70, 0.70, 0.75, {"local": 0.85}, 2.0)]]
+    rows = table.aggregate(res, ["local", "fedavg", "pfedla"], {"local": (85.83, 0.17), "fedavg": (91.24, 0.98)})
+    local, fedavg, pfedla = rows
+    assert local["final"] == pytest.approx((85.0, float(np.std([80, 90], ddof=1))))
+    assert local["last10"] == pytest.approx((83.5, float(np.std([79, 88], ddof=1))))
+    assert local["diff_final"] == pytest.approx(85.0 - 85.83)
+    assert local["median_round_seconds"] == 2.0
+    assert fedavg["final"] == pytest.approx((70.0, 0.0)) and fedavg["views"]["local"] == pytest.approx((85.0, 0.0))
+    assert pfedla["seeds"] == [] and "final" not in pfedla
+    diffs = table.order_differences(rows)
+    assert len(diffs) == 1 and "paper: FedAvg > Local" in diffs[0]
+    assert table.last_fraction(list(range(1, 21))) == pytest.approx(19.5)  # ceil(0.1 x 20) = 2
+    assert table.last_fraction([0.3, 0.5]) == 0.5
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_two_methods_two_seeds_numbers_are_the_runs_metrics(tmp_path):
+    out = tmp_path / "t"
+    args = ["--preset=table1_fmnist_n10_small", "--seeds=0,1", "--methods=fedavg,local",
+            f"--table_dir={out}", f"--run_flags={TINY} --rounds=12"]
+    p = _tool(args)
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-2000:]
+    assert p.stdout.count("final test_acc") == 4 and "[4/4]" in p.stdout
+    data = json.loads((out / "table.json").read_text())
+    assert data["methods"] == ["local", "fedavg"] and data["seeds"] == [0, 1]
+    for row in data["rows"]:
+        finals, tails = [], []
+        for seed in (0, 1):
+            recs = _metrics(out / "runs" / row["method"] / f"seed_{seed}")
+            acc = [r["test_acc"] for r in recs]
+            assert len(acc) == 12
+            finals.append(acc[-1])
+            tails.append(np.mean(acc[-math.ceil(0.1 * len(acc)):]))  # last 2 of 12 evaluations
+            run = next(r for r in data["runs"] if r["method"] == row["method"] and r["seed"] == seed)
+            assert run["final"] == acc[-1] and run["curve"] == acc
+        assert row["final"] == pytest.approx([100 * np.mean(finals), 100 * np.std(finals, ddof=1)])
+        assert row["last10"] == pytest.approx([100 * np.mean(tails), 100 * np.std(tails, ddof=1)])
+        paper = {"local": [85.83, 0.17], "fedavg": [91.24, 0.98]}[row["method"]]
+        assert row["paper"] == paper
+        assert row["diff_final"] == pytest.approx(row["final"][0] - paper[0])
+    fedavg = next(r for r in data["rows"] if r["method"] == "fedavg")
+    assert "local" in fedavg["views"]  # FedAvg's second view: after local training
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["local", "fedavg"]
+    assert float(rows[0]["final_mean"]) == pytest.approx(data["rows"][0]["final"][0], abs=1e-4)
+    md = (out / "table.md").read_text()
+    assert "| Local | 0,1 |" in md and "85.83 ± 0.17" in md and "last 10%" in md
+    for png in ("curves.png", "label_histogram_seed0.png"):
+        assert (out / png).stat().st_size > 1000
+    # the same command again: nothing re-runs, the same table
+    again = _tool(args)
+    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4
+    assert json.loads((out / "table.json").read_text())["rows"] == data["rows"]
+
+
+def test_a_killed_table_resumes_to_the_uninterrupted_numbers(tmp_path):
+    run_flags = f"{TINY} --rounds=40 --checkpoint_every=1"
+    args = ["--preset=table1_fmnist_n10_small", "--seeds=0", "--methods=fedavg", f"--run_flags={run_flags}"]
+    full = _tool([*args, f"--table_dir={tmp_path / 'full'}"])
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed_dir = tmp_path / "killed"
+    workdir = killed_dir / "runs" / "fedavg" / "seed_0"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.table", *args, f"--table_dir={killed_dir}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (workdir / "metrics.jsonl").exists() and len(_metrics(workdir)) >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the tool and its experiments.run child (Ctrl-C kills both too)
+    proc.wait()
+    assert not (workdir / "summary.json").exists(), "the run ended before it could be killed"
+    resumed = _tool([*args, f"--table_dir={killed_dir}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed after round" in resumed.stdout
+    strip = lambda recs: [{k: v for k, v in r.items() if "seconds" not in k} for r in recs]
+    assert strip(_metrics(workdir)) == strip(_metrics(tmp_path / "full" / "runs" / "fedavg" / "seed_0"))
+    a = json.loads((killed_dir / "table.json").read_text())["rows"]
+    b = json.loads((tmp_path / "full" / "table.json").read_text())["rows"]
+    assert [r["final"] for r in a] == [r["final"] for r in b]
+
+
+BAD = [
+    (["--preset=nosuch"], "unknown --preset 'nosuch'"),
+    (["--preset=table1_fmnist_n10_small", "--methods=fedavg,fedprox"], "unknown --methods fedprox"),
+    (["--preset=table1_fmnist_n10_small", "--seeds=0,x"], "--seeds must be comma-separated integers"),
+    (["--preset=table1_fmnist_n10_small", "--seeds=1,1"], "distinct"),
+    (["--preset=table1_cifar10_n10", "--budget=cpu"], "defines no CPU budget"),
+    (["--preset=table1_fmnist_n10_small", "--budget=tiny"], "unknown --budget"),
+    (["--preset=table1_fmnist_n10_small", "--run_flags=--seed=3"], "may not set --seed"),
+    (["--preset=table1_fmnist_n10_small", "--rounds=3"], "rounds"),
+    (["--preset=table1_fmnist_n10_small", "--run_flags=--no_such_flag=1"], "no_such_flag"),
+    (["--preset=table1_fmnist_n10_small", "--run_flags=--lr=-1"], "lr"),
+    (["--preset=README.md"], "is not a preset"),
+    ([], "--preset is required"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[b[1][:24] for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+    p = _tool([*args, f"--table_dir={tmp_path / 't'}"], timeout=60)
+    assert p.returncode == 2, (p.returncode, p.stdout[-500:], p.stderr[-1500:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert not (tmp_path / "t").exists()  # nothing was run or written
+
+
+def test_a_failed_run_is_reported_and_the_rest_tabulated(tmp_path):
+    # Local's workdir already holds another run (a FedAvg config): experiments.run refuses it
+    # at run time; FedAvg runs; the table has FedAvg's row, Local's is empty; exit status 1
+    out = tmp_path / "t"
+    taken = out / "runs" / "local" / "seed_0"
+    taken.mkdir(parents=True)
+    (taken / "config.json").write_text(json.dumps({"algorithm": "fedavg", "rounds": 2}))
+    p = _tool(["--preset=table1_fmnist_n10_small", "--seeds=0", "--methods=local,fedavg",
+               f"--table_dir={out}", f"--run_flags={TINY} --rounds=2"])
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "FAILED" in p.stdout and "error: local seed 0: error:" in p.stderr
+    md = (out / "table.md").read_text()
+    assert "| Local | none |" in md and "| FedAvg | 0 |" in md
+    assert json.loads((taken / "config.json").read_text())["algorithm"] == "fedavg"  # left as it was
