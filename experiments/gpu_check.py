@@ -1,7 +1,7 @@
 r"""One command for a GPU machine: is the GPU path correct, and how fast is it against PyTorch?
 
     python -m experiments.gpu_check --out_dir=runs/gpu_check          # = make gpu-check
-    python -m experiments.gpu_check --out_dir=/tmp/gc --smoke         # tiny sizes (CPU, CI)
+    python -m experiments.gpu_check --out_dir=runs/gpu_smoke --smoke        # tiny sizes (CPU, CI)
 
 Writes OUT_DIR/gpu_check.json (every figure, the device, versions, per-section status and
 errors) and OUT_DIR/gpu_check.md (short tables), and prints progress and the tables. Exit

@@ -67,18 +67,18 @@ def test_paper_numbers_parse_the_papers_fmnist_cells():
                                          "perfedavg": (3.0, 1.0), "fedavg": (4.0, 0.3)}
 
 
-def test_methods_and_budget():
+def test_methods_and_budget(tmp_path):
     assert table.parse_methods("all", has_bn=False) == [k for k in table.METHOD_KEYS if k != "fedbn"]
     assert "fedbn" in table.parse_methods("all", has_bn=True)
     assert table.parse_methods("pfedla,local", has_bn=False) == ["local", "pfedla"]  # the paper's order
     assert table.model_has_bn(["--dataset=tfds:cifar10"]) and not table.model_has_bn(["--dataset=fmnist"])
     assert table.model_has_bn(["--dataset=fmnist", "--use_bn=true"])
     preset = table.read_preset(table.resolve_preset("table1_fmnist_n10_small"))
-    specs = table.plan_runs(preset, [0], ["heurpfedla"], "cpu", [], "/tmp/x")
+    specs = table.plan_runs(preset, [0], ["heurpfedla"], "cpu", [], str(tmp_path))
     argv = specs[0].argv
     # budget after the preset, method flags after the budget, seed and workdir last
     assert argv.index("--rounds=100") < argv.index("--algorithm=pfedla") < argv.index("--heur_k=1")
-    assert argv[-3:] == ("--seed=0", "--workdir=/tmp/x/runs/heurpfedla/seed_0", "--quiet")
+    assert argv[-3:] == ("--seed=0", f"--workdir={tmp_path}/runs/heurpfedla/seed_0", "--quiet")
 
 
 def test_aggregate_and_order_differences_by_hand():
