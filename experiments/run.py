@@ -20,10 +20,10 @@ Bad flags or inputs print one line `error: ...` and exit with status 2.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 
+from experiments.cli import fail, parse_flags  # noqa: F401  (re-exported: the other apps import them from here)
 from pfedla_jax.algorithms import algorithm_names  # registers every algorithm (no device is touched)
 from pfedla_jax.algorithms.registry import config_fields
 
@@ -154,11 +154,6 @@ def set_host_devices(count: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}".strip()
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def start(argv) -> None:
     """Common start of every experiments/ app: no stray arguments, host devices, quiet logs.
 
@@ -184,14 +179,6 @@ def main(argv):
     print(format_table(summary), flush=True)
     if _WORKDIR.value:
         print(f"metrics: {os.path.join(_WORKDIR.value, 'metrics.jsonl')}", flush=True)
-
-
-def parse_flags(argv):
-    """absl parsing with a one-line error instead of absl's usage dump."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ from typing import Any
 
 from absl import app, flags
 
+from experiments.cli import fail, parse_flags
+
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 
 # (key, the paper's row name, run flags): the paper's Tables 1-2 rows, in its order.
@@ -564,11 +566,6 @@ def write_outputs(table_dir: str, results: list[dict[str, Any]], rows: list[dict
 # ----------------------------------------------------------------------------- the app
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def check_run_configs(specs: Sequence[RunSpec]) -> None:
     """Parses each method's run flags as `experiments.run` does and validates the config, before
     anything runs (a bad --run_flags is one error, not one failed run per method and seed).
@@ -701,13 +698,6 @@ def main(argv):
     except OSError as e:
         fail(f"{type(e).__name__}: {e}")
     sys.exit(code)
-
-
-def parse_flags(argv):
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e))
 
 
 if __name__ == "__main__":
