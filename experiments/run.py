@@ -20,6 +20,7 @@ Bad flags or inputs print one line `error: ...` and exit with status 2.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -64,6 +65,18 @@ _CKPT = flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint every this many
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard what --workdir holds (another run's config, checkpoints, metrics) and start over.")
 _TB = flags.DEFINE_bool("tensorboard", True, "Write TensorBoard event files to WORKDIR/tb.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 1, "One progress line every this many rounds (0 = only at evaluations).")
+_COORD = flags.DEFINE_string(
+    "coordinator_address", "",
+    "Multi-process runs: host:port of process 0, the same for every process (process 0 "
+    "listens there). experiments.launch sets it for local processes.")
+_NPROC = flags.DEFINE_string(
+    "num_processes", "1",
+    "Processes of the run, each with its own devices, all on one global mesh: 1 | N | auto "
+    "(jax.distributed detects SLURM, Open MPI, Kubernetes, Cloud TPU).")
+_PID = flags.DEFINE_integer("process_id", 0, "Multi-process runs: this process, 0..num_processes-1.")
+_DIST_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s", 60,
+    "Multi-process runs: seconds for every process to join (then one error line and exit 2).")
 _CACHE = flags.DEFINE_string(
     "compilation_cache", None,
     "JAX's persistent compilation cache directory, shared by all runs (default: "
@@ -165,20 +178,62 @@ def start(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend-probe INFO lines off stderr
 
 
+def join_processes(config) -> None:
+    """Multi-process runs (--num_processes): joins the cluster before any device is used.
+
+    Bad combinations of the flags fail here, before anything waits for other processes."""
+    from pfedla_jax.core import multihost
+    from pfedla_jax.errors import UserInputError
+
+    try:
+        count = multihost.parse_num_processes(_NPROC.value)
+        if count != 1:
+            config.validate()  # its own errors before the process count's
+        multihost.check_arguments(_COORD.value, count, _PID.value, config.clients_per_round)
+        multihost.initialize(_COORD.value, count, _PID.value, _DIST_TIMEOUT.value)
+        if count is None:  # auto: the count is known only now
+            multihost.check_arguments("", None, 0, config.clients_per_round,
+                                      joined=multihost.process_count())
+    except UserInputError as e:
+        fail(str(e))
+
+
 def main(argv):
     start(argv)
+    from pfedla_jax.core import multihost
     from pfedla_jax.errors import UserInputError
     from pfedla_jax.training.loop import format_table, run_experiment
 
-    quiet = _QUIET.value
     try:
-        summary = run_experiment(_config(), _WORKDIR.value,
-                                 log=(lambda s: None) if quiet else None, options=_run_options())
+        config = _config()
     except UserInputError as e:
         fail(str(e))
+    join_processes(config)
+    # one process speaks for the run (the others' output: experiments.launch's log files)
+    primary = multihost.is_primary()
+    quiet = _QUIET.value or not primary
+    try:
+        summary = run_experiment(config, _WORKDIR.value,
+                                 log=(lambda s: None) if quiet else None, options=_run_options())
+    except UserInputError as e:
+        if multihost.process_count() == 1:
+            fail(str(e))
+        # several processes: the others may be waiting in a collective; exit at once rather
+        # than in JAX's shutdown barrier (experiments.launch stops them on this line)
+        print(f"error: {e}" if primary else f"error: process {jax_process_index()}: {e}",
+              file=sys.stderr, flush=True)
+        os._exit(2)
+    if not primary:
+        return
     print(format_table(summary), flush=True)
     if _WORKDIR.value:
         print(f"metrics: {os.path.join(_WORKDIR.value, 'metrics.jsonl')}", flush=True)
+
+
+def jax_process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 if __name__ == "__main__":

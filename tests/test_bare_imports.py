@@ -70,6 +70,8 @@ ENTRY_POINT_GROUPS = [
     ("experiments.plots",),
     ("experiments.sweep",),
     ("experiments.table",),  # its own process: it and sweep both define --seeds
+    # launch passes --distributed_timeout_s on to experiments.run: both define it
+    ("experiments.launch", "experiments.state_size"),
 ]
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from pfedla_jax.core.client_parallel import (client_sharding, make_mesh, padded_size, put_rows,
                                              replicated, take_rows)
+from pfedla_jax.core import multihost
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.stacking import broadcast_clients, pad_clients, tree_bytes, unpad_clients
 from pfedla_jax.data.store import ClientStore
@@ -222,7 +223,7 @@ class Algorithm(abc.ABC):
 
     def place(self, state: dict) -> dict:
         """`state` on the mesh (no copy for arrays already placed)."""
-        return jax.device_put(state, self.state_shardings(state))
+        return multihost.put(state, self.state_shardings(state))
 
     def init(self, key: jax.Array) -> dict:
         """The initial state, per-client entries padded to N_pad rows and placed."""

@@ -97,6 +97,7 @@ from pfedla_jax.core.client_parallel import for_each_client
 from pfedla_jax.core.client_update import masked_cross_entropy
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.local_training import ClientTrainer
+from pfedla_jax.core.multihost import host_array
 from pfedla_jax.data.store import ClientStore, normalize_images
 from pfedla_jax.errors import UserInputError, check_choice
 
@@ -472,4 +473,4 @@ class FedFomo(Algorithm):
         return Evaluation(
             views={"": View(state["client_params"], state["batch_stats"]),
                    "federated": View(state["start_params"], state["start_stats"])},
-            arrays={"affinity": np.asarray(jax.device_get(state["affinity"]))})
+            arrays={"affinity": host_array(state["affinity"])})

@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 from pfedla_jax.core.aggregation import _alpha_cotangent, aggregate, alpha_cotangent
 from pfedla_jax.core.client_parallel import CLIENT_AXIS, on_every_device
 from pfedla_jax.core.evaluation import View
+from pfedla_jax.core.multihost import host_array
 from pfedla_jax.core.layers import GRANULARITIES, LayerMap, make_layer_map
 from pfedla_jax.errors import UserInputError, check_choice
 from pfedla_jax.models.hypernetwork import (HNConfig, LayerWeightHypernetwork,
@@ -161,6 +162,7 @@ class PFedLA(Algorithm):
         # Server steps as jitted functions of this instance (not of the class: a class-level
         # jit cache would keep every instance, its data and its state alive).
         self.personalize = jax.jit(self._personalize)
+        self.personalize_all = jax.jit(self._personalize_all)
         self.hn_update = jax.jit(self._hn_update)
 
     # ------------------------------------------------------------------ state
@@ -192,6 +194,16 @@ class PFedLA(Algorithm):
           (alpha [S, L, N], retained bool [S, L], theta_bar leaves [S, ...]).
         """
         alpha = stacked_alpha(self.hn, hn_params, client_ids)
+        retained, theta_bar = self._aggregate(alpha, client_params, client_ids)
+        return alpha, retained, theta_bar
+
+    def _personalize_all(self, hn_params, client_params, client_ids):
+        """`_personalize` of every stored row (the evaluation's): the hypernetworks applied
+        `HN_CHUNK_BYTES` at a time (`_cohort_alpha`). One vmapped call over all N would make
+        XLA copy every head (N^2 L H floats, as much as the heads themselves) to batch the
+        head matmul."""
+        chunk = self._chunks(hn_params, (), client_ids.shape[0])
+        alpha = self._cohort_alpha(hn_params, (), client_ids, chunk)
         retained, theta_bar = self._aggregate(alpha, client_params, client_ids)
         return alpha, retained, theta_bar
 
@@ -333,21 +345,22 @@ class PFedLA(Algorithm):
     def all_alpha(self, state):
         """(alpha [N, L, N], retained [N, L], theta_bar [N_pad, ...]) of every client.
 
-        Every stored row goes through its own hypernetwork in place (the mesh-padding rows
-        as copies of client 0, dropped from alpha; their theta_bar rows are meaningless):
-        no copy of the N hypernetworks is made.
+        Every stored row goes through its own hypernetwork (the mesh-padding rows as copies
+        of client 0, dropped from alpha; their theta_bar rows are meaningless), the
+        hypernetworks taken `HN_CHUNK_BYTES` at a time (`personalize_all`): no copy of all
+        N hypernetworks is made (one vmapped call would transpose every head: BUILD_NOTES §11).
         """
         n = self.ctx.num_clients
         rows = jax.tree.leaves(state["client_params"])[0].shape[0]
         ids = jnp.where(jnp.arange(rows) < n, jnp.arange(rows), 0).astype(jnp.int32)
-        alpha, retained, theta_bar = self.personalize(state["hn_params"], state["client_params"], ids)
+        alpha, retained, theta_bar = self.personalize_all(state["hn_params"], state["client_params"], ids)
         return alpha[:n], retained[:n], theta_bar
 
     def evaluate(self, state, round_idx, key):
-        # alpha and theta_bar of all N clients from one personalize() call (it costs
+        # alpha and theta_bar of all N clients from one personalize_all() call (it costs
         # O(N^2 |theta|): not to be done twice per evaluation)
         alpha, retained, theta_bar = self.all_alpha(state)
-        alpha, retained = np.asarray(alpha), np.asarray(retained)
+        alpha, retained = host_array(alpha), host_array(retained)
         return Evaluation(
             views={"": View(theta_bar, state["batch_stats"]),
                    "local": View(state["client_params"], state["batch_stats"])},

@@ -61,6 +61,9 @@ def resolve_strategy(strategy: str) -> str:
     if strategy not in STRATEGIES:
         raise UserInputError(
             f"unknown --client_parallelism {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if strategy == "loop" and jax.process_count() > 1:
+        raise UserInputError("--client_parallelism=loop runs on one device; a run over several "
+                             "processes needs shard, vmap or auto")
     if strategy != "auto":
         return strategy
     if jax.default_backend() == "cpu":
@@ -72,7 +75,8 @@ def resolve_strategy(strategy: str) -> str:
 
 def make_mesh(strategy: str) -> Mesh:
     """The 1-D mesh (axis `clients`) a resolved strategy runs on: `loop` uses one device,
-    `vmap` and `shard` every device of the process."""
+    `vmap` and `shard` every device of the run (of every process in a multi-process run,
+    ordered by process: core/multihost.py)."""
     devices = jax.devices()[:1] if strategy == "loop" else jax.devices()
     return Mesh(np.array(devices), (CLIENT_AXIS,))
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pfedla_jax.core.client_parallel import for_each_client, make_mesh, replicated, resolve_strategy
+from pfedla_jax.core import multihost
 from pfedla_jax.core.client_update import masked_cross_entropy
 from pfedla_jax.data.store import ClientStore, normalize_images
 
@@ -55,7 +56,7 @@ class Evaluator:
         self.model = model
         self.strategy = resolve_strategy(strategy)
         self.mesh = mesh if mesh is not None else make_mesh(self.strategy)
-        self.store = jax.device_put(store, replicated(self.mesh))
+        self.store = multihost.put(store, replicated(self.mesh))
         self.num_clients = store.num_clients
         max_test = int(store.test_idx.shape[1])
         self.batch_size = max(1, min(batch_size, max_test))
@@ -117,7 +118,7 @@ class Evaluator:
         if rows is None:  # no BN statistics at all: one (empty) row per client
             batch_stats = {}
         out = self._jitted(params, batch_stats, jnp.asarray(ids), self.store, shared=shared)
-        correct, loss_sum, count = (np.asarray(jax.device_get(v), np.float64)[:keep] for v in out)
+        correct, loss_sum, count = (np.asarray(multihost.host_array(v), np.float64)[:keep] for v in out)
         return {"correct": correct, "loss_sum": loss_sum, "count": count}
 
 

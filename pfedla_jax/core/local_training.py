@@ -28,6 +28,7 @@ from pfedla_jax.core.client_parallel import (STRATEGIES, for_each_client, make_m
                                              resolve_strategy)
 from pfedla_jax.core.client_update import Batch, ClientUpdate, masked_cross_entropy, sgd_update
 from pfedla_jax.data.store import ClientStore, normalize_images
+from pfedla_jax.core import multihost
 from pfedla_jax.errors import UserInputError
 
 __all__ = ["STRATEGIES", "ClientTrainer", "LocalTrainConfig", "client_batch_plan",
@@ -155,7 +156,7 @@ class ClientTrainer:
         # balancing the devices by step counts only matters when the counts differ
         self._balance = config.local_steps == 0 and counts.min() != counts.max()
         # one replica of the client data per device of the mesh, placed once
-        self.store = jax.device_put(store, replicated(self.mesh))
+        self.store = multihost.put(store, replicated(self.mesh))
         self._map = for_each_client(self._client_fn, self.strategy, self.mesh, negative_ids=False)
         self._jitted: dict[str, Any] = {}
 
@@ -251,7 +252,7 @@ class ClientTrainer:
         if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
             # a direct call: inputs committed to the mesh like the outputs, so that feeding
             # outputs back in (the next round) hits the same compiled program
-            args = jax.device_put(args, replicated(self.mesh))
+            args = multihost.put(args, replicated(self.mesh))
         return self._jitted["run"](*args, store)
 
     def _run(self, shared, clients, client_ids, round_key, store):

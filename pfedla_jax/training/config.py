@@ -209,11 +209,16 @@ def enable_compilation_cache(option: str | None) -> str:
     Every compiled program is cached (no minimum compile time), keyed by JAX on the program,
     its shapes, devices, flags and versions, so any run of a configuration already compiled
     once (another seed, another workdir) loads its programs instead of compiling them.
-    Returns the directory ('' if disabled).
+    Returns the directory ('' if disabled). Off in a run over several processes.
     """
     import jax
 
     path = compilation_cache_dir(option)
+    if jax.process_count() > 1:
+        # off in multi-process runs: in the first trial (jax 0.10.2, CPU, under load) a process
+        # with the cache on stalled in its first compilation until the others declared it
+        # dead; each process compiles for itself (BUILD_NOTES §11)
+        path = ""
     if not path:
         jax.config.update("jax_enable_compilation_cache", False)
         return ""

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pfedla_jax.algorithms import FLContext, algorithm_class
+from pfedla_jax.core import multihost
 from pfedla_jax.core.evaluation import Evaluator, summarize
 from pfedla_jax.core.local_training import ClientTrainer
 from pfedla_jax.data import build_client_store, load_dataset, make_partition
@@ -189,11 +190,13 @@ class Run:
         """Saves after `round_done` rounds when due (every --checkpoint_every and at the end)."""
         if self.checkpoints is None or not self.checkpoints.due(round_done, round_done == exp.config.rounds):
             return
-        self.exports.save()  # before the checkpoint commits
-        self.writer.flush()
+        if self.exports is not None:  # (the primary process's; core/multihost.py)
+            self.exports.save()  # before the checkpoint commits
+            self.writer.flush()
         self.checkpoints.save(round_done, exp.algorithm.to_checkpoint(self.state),
+                              # numpy: process-local values, the same in every process
                               {"schedule": exp.schedule[:round_done],
-                               "train_key": jax.random.key_data(exp.keys.train)},
+                               "train_key": np.asarray(jax.random.key_data(exp.keys.train))},
                               {"round_times": list(self.round_times),
                                "bytes_up_total": self.bytes_up_total,
                                "bytes_down_total": self.bytes_down_total})
@@ -228,7 +231,12 @@ def start_run(exp: Experiment, workdir: str | None, options: RunOptions) -> Run:
     run = Run(state=state, workdir=workdir)
     if not workdir:
         return run
-    resumable = prepare_workdir(workdir, config, options.overwrite)
+    # Several processes: each checks the workdir as it finds it (a refusal is the same in
+    # all of them), the primary alone removes what --overwrite discards, and nobody creates
+    # anything in it (checkpoints/) before every process has looked.
+    primary = multihost.is_primary()
+    resumable = prepare_workdir(workdir, config, options.overwrite, primary=primary)
+    multihost.sync("workdir checked")
     run.checkpoints = Checkpoints(workdir, options.checkpoint_every)
     resume_round = run.checkpoints.latest_round() if resumable else None
     keep = None
@@ -258,6 +266,8 @@ def start_run(exp: Experiment, workdir: str | None, options: RunOptions) -> Run:
         run.bytes_up_total, run.bytes_down_total = int(meta["bytes_up_total"]), int(meta["bytes_down_total"])
         keep = lambda r: kept_round(r, resume_round=step, eval_every=config.eval_every,
                                     rounds=config.rounds)
+    if not primary:
+        return run  # files are the primary process's; the others keep the rows in memory
     # only now, after every check of the resumed state: a refused command leaves the workdir
     # as it was
     write_config(workdir, config)
@@ -352,7 +362,7 @@ def train_loop(exp: Experiment, run: Run, progress: Progress) -> None:
     for t in range(run.next_round, exp.config.rounds):
         t0 = time.perf_counter()
         run.state, info = algo.round(run.state, t, exp.schedule[t], exp.round_key(t))
-        info = jax.device_get(info)  # the round's one read of device values
+        info = jax.tree.map(multihost.host_array, info)  # the round's one read of device values
         dt = time.perf_counter() - t0
         run.round_times.append(dt)
         up, down = int(np.sum(info["bytes_up"], dtype=np.int64)), int(np.sum(info["bytes_down"], dtype=np.int64))
@@ -397,6 +407,8 @@ def train_loop(exp: Experiment, run: Run, progress: Progress) -> None:
 def finish(exp: Experiment, run: Run, seconds: float) -> dict[str, Any]:
     """The run's summary (written to WORKDIR/summary.json); also returns the metrics rows."""
     config, ctx, records = exp.config, exp.context, run.records
+    if not multihost.is_primary():
+        return {"records": records}  # the primary process writes and reports the summary
     stored = read_summary(run.workdir) if run.workdir and run.resumed_from == config.rounds else None
     if stored is not None and records:
         # a finished run found again: its summary stays as it was written

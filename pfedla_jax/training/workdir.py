@@ -75,11 +75,14 @@ def config_differences(old: dict, new: dict) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def prepare_workdir(workdir: str, config: Any, overwrite: bool) -> bool:
+def prepare_workdir(workdir: str, config: Any, overwrite: bool, primary: bool = True) -> bool:
     """Creates or checks `workdir` for `config`; True if a run there may be resumed.
 
     config.json is not written here: write_config, once the run is known to go ahead (a
     command refused later, e.g. for fewer rounds than the checkpoint, leaves it as it was).
+    In a multi-process run only the primary process (`primary`) removes files for
+    `overwrite` (the others return False at once); without `overwrite` every process makes
+    the same checks on what it finds, before any process writes there (the caller syncs).
 
     Raises:
       UserInputError: the workdir can't be written, or holds a run with another
@@ -89,6 +92,8 @@ def prepare_workdir(workdir: str, config: Any, overwrite: bool) -> bool:
     try:
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, CONFIG_FILE)
+        if overwrite and not primary:
+            return False
         if overwrite:
             for name in OUTPUT_FILES + tuple(sorted(_export_names())):
                 # with the temporary file an interrupted atomic write may have left
@@ -184,7 +189,8 @@ class Checkpoints:
         step = self.manager.latest_step()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(state_like), arrays=ocp.args.StandardRestore(),
+                state=ocp.args.StandardRestore(_restore_target(state_like)),
+                arrays=ocp.args.StandardRestore(),
                 meta=ocp.args.JsonRestore()))
         except ValueError as err:
             if "tree structures do not match" not in str(err):
@@ -203,6 +209,21 @@ class Checkpoints:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+
+
+def _restore_target(state_like: Any) -> Any:
+    """What orbax restores the state into. One process: `state_like` itself. Several: every
+    array whole on every device of the run's mesh, so each process reads the checkpoint
+    completely whatever number of processes wrote it (the caller pads and splits it over
+    this run's mesh: a run resumes with another process count)."""
+    if jax.process_count() == 1:
+        return state_like
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from pfedla_jax.core.client_parallel import make_mesh
+
+    whole = NamedSharding(make_mesh("shard"), PartitionSpec())
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole), state_like)
 
 
 def _scalar_items(record: dict) -> dict[str, Any]:
