@@ -220,7 +220,7 @@ def main(argv):
             fail(str(e))
         # several processes: the others may be waiting in a collective; exit at once rather
         # than in JAX's shutdown barrier (experiments.launch stops them on this line)
-        print(f"error: {e}" if primary else f"error: process {jax_process_index()}: {e}",
+        print(f"error: {e}" if primary else f"error: process {multihost.process_index()}: {e}",
               file=sys.stderr, flush=True)
         os._exit(2)
     if not primary:
@@ -228,12 +228,6 @@ def main(argv):
     print(format_table(summary), flush=True)
     if _WORKDIR.value:
         print(f"metrics: {os.path.join(_WORKDIR.value, 'metrics.jsonl')}", flush=True)
-
-
-def jax_process_index() -> int:
-    import jax
-
-    return jax.process_index()
 
 
 if __name__ == "__main__":

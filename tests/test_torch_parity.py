@@ -45,7 +45,7 @@ from experiments.torch_baseline import (
     shuffled_batches,
     synthetic_client_data,
 )
-from experiments.torch_baseline.parity import plan_order as _plan_order, row as _row
+from experiments.torch_baseline.parity import disjoint_splits, plan_order as _plan_order, row as _row
 from experiments.torch_baseline.device import no_tf32, tf32_settings
 from pfedla_jax.algorithms import FedAvg, FLContext, PFedLA, PFedLAConfig
 from pfedla_jax.errors import UserInputError
@@ -91,12 +91,7 @@ def _full_fp32():
 def _cohort(use_bn: bool):
     """(dataset, store, model, trainer, torch data) for the gray (no BN) or RGB (BN) model."""
     ds = synthetic("synthetic_rgb" if use_bn else "synthetic")
-    perm = np.random.default_rng(0).permutation(len(ds.labels))
-    train, tests, off = [], [], 0
-    for n in SIZES:
-        train.append(perm[off:off + n])
-        tests.append(perm[off + n:off + n + 8])
-        off += n + 8
+    train, tests = disjoint_splits(len(ds.labels), SIZES)
     store = store_from_indices(ds, train, tests)
     model = make_cnn(ds.input_shape, ds.num_classes, use_bn=use_bn)
     trainer = ClientTrainer(model, store, LocalTrainConfig(batch_size=16, local_epochs=2, lr=LR),

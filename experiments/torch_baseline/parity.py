@@ -46,6 +46,19 @@ def row(tree, j):
     return jax.tree.map(lambda a: np.asarray(a)[j], tree)
 
 
+def disjoint_splits(num_examples: int, sizes, test_size: int = 8, seed: int = 0):
+    """(train, test) index lists of a small synthetic cohort: client c gets sizes[c] train
+    and `test_size` test examples of one seeded permutation of `num_examples`, no example
+    twice (the cohort of the parity checks here and in tests/test_torch_parity*.py)."""
+    perm = np.random.default_rng(seed).permutation(num_examples)
+    train, test, off = [], [], 0
+    for n in sizes:
+        train.append(perm[off:off + n])
+        test.append(perm[off + n:off + n + test_size])
+        off += n + test_size
+    return train, test
+
+
 def max_abs_diff(got, want) -> float:
     """Largest |got - want| over two pytrees of the same structure (0 for empty ones).
 
@@ -110,12 +123,7 @@ def pfedla_round_parity(use_bn: bool, device="auto", *, strategies=("vmap", "loo
 
     device = None if device is None else resolve_device(device)
     ds = load_dataset("synthetic_rgb" if use_bn else "synthetic", synthetic_per_class=60, seed=0)
-    perm = np.random.default_rng(0).permutation(len(ds.labels))
-    train, test, off = [], [], 0
-    for n in sizes:
-        train.append(perm[off:off + n])
-        test.append(perm[off + n:off + n + 8])
-        off += n + 8
+    train, test = disjoint_splits(len(ds.labels), sizes)
     part = Partition(train_indices=train, test_indices=test,
                      client_classes=[np.unique(ds.labels[np.concatenate([a, b])]) for a, b in zip(train, test)],
                      scheme="manual", samples_per_client=None)

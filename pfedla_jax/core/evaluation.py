@@ -118,7 +118,7 @@ class Evaluator:
         if rows is None:  # no BN statistics at all: one (empty) row per client
             batch_stats = {}
         out = self._jitted(params, batch_stats, jnp.asarray(ids), self.store, shared=shared)
-        correct, loss_sum, count = (np.asarray(multihost.host_array(v), np.float64)[:keep] for v in out)
+        correct, loss_sum, count = (np.asarray(v, np.float64)[:keep] for v in multihost.host_tree(out))
         return {"correct": correct, "loss_sum": loss_sum, "count": count}
 
 

@@ -39,6 +39,10 @@ def process_count() -> int:
     return jax.process_count()
 
 
+def process_index() -> int:
+    return jax.process_index()
+
+
 def is_primary() -> bool:
     """Whether this process writes the run's files (process 0; always true in one process)."""
     return jax.process_index() == 0
@@ -56,6 +60,14 @@ def host_array(x: Any) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def host_tree(tree: Any) -> Any:
+    """`host_array` of every leaf; in one process `jax.device_get` (all leaves fetched in
+    one batch)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return jax.tree.map(host_array, tree)
 
 
 def put(tree: Any, shardings: Any) -> Any:

@@ -362,7 +362,7 @@ def train_loop(exp: Experiment, run: Run, progress: Progress) -> None:
     for t in range(run.next_round, exp.config.rounds):
         t0 = time.perf_counter()
         run.state, info = algo.round(run.state, t, exp.schedule[t], exp.round_key(t))
-        info = jax.tree.map(multihost.host_array, info)  # the round's one read of device values
+        info = multihost.host_tree(info)  # the round's one read of device values
         dt = time.perf_counter() - t0
         run.round_times.append(dt)
         up, down = int(np.sum(info["bytes_up"], dtype=np.int64)), int(np.sum(info["bytes_down"], dtype=np.int64))
