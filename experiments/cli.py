@@ -1,11 +1,15 @@
 """What every experiments/ command line shares and that defines no flag: the one-line error
-exit and absl parsing that uses it (importing this module adds nothing to a tool's flags)."""
+exit, absl parsing that uses it, and the start of a tool's main (importing this module adds
+nothing to a tool's flags)."""
 
 from __future__ import annotations
 
 import sys
 
-from absl import flags
+from absl import flags, logging
+
+from pfedla_jax.errors import UserInputError
+from pfedla_jax.runtime import set_host_devices
 
 
 def fail(message: str) -> None:
@@ -20,3 +24,19 @@ def parse_flags(argv):
         return flags.FLAGS(argv)
     except flags.Error as e:
         fail(str(e))
+
+
+def start(argv, host_devices: int | None = None) -> None:
+    """The common start of a tool's main: no stray arguments, the host's XLA devices
+    (`pfedla_jax.runtime.set_host_devices`; None leaves them as they are) and JAX's
+    backend-probe INFO lines kept off stderr. Runs before any device is used."""
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if host_devices is not None:
+        try:
+            set_host_devices(host_devices)
+        except UserInputError as e:
+            fail(str(e))
+    if not flags.FLAGS.is_parsed():  # a tool that parses its own FlagValues: absl logging
+        flags.FLAGS.mark_as_parsed()  # (orbax logs through it) then logs without a warning
+    logging.set_verbosity(logging.WARNING)

@@ -22,6 +22,7 @@ Open MPI / Kubernetes), not this launcher.
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import signal
 import socket
@@ -34,13 +35,23 @@ import time
 from absl import app, flags
 
 from experiments.cli import fail, parse_flags
+from pfedla_jax.errors import UserInputError
+from pfedla_jax.training.command_line import RunCommand, config_from_argv
 
-_PROCESSES = flags.DEFINE_integer("processes", 2, "Processes to start on this host.")
-_DEVICES = flags.DEFINE_integer("devices_per_process", 1, "XLA CPU devices of each process (--host_devices).")
-_LOG_DIR = flags.DEFINE_string("launch_logs", None, "Folder for process_<i>.log (default WORKDIR/launch).")
-_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 60,
-                                "Seconds for every process to join the run (passed on).")
-_GRACE = flags.DEFINE_float("stop_grace_s", 5.0, "Seconds the other processes get to stop after one failed.")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The launcher's flags, defined when it runs as a program (importing defines none)."""
+    flags.DEFINE_integer("processes", 2, "Processes to start on this host.", flag_values=flag_values)
+    flags.DEFINE_integer("devices_per_process", 1, "XLA CPU devices of each process (--host_devices).",
+                         flag_values=flag_values)
+    flags.DEFINE_string("launch_logs", None, "Folder for process_<i>.log (default WORKDIR/launch).",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("distributed_timeout_s", 60, "Seconds for every process to join the run "
+                         "(passed on).", flag_values=flag_values)
+    flags.DEFINE_float("stop_grace_s", 5.0, "Seconds the other processes get to stop after one "
+                       "failed.", flag_values=flag_values)
+
 
 # set by the launcher: a run flag that names one of these is refused
 LAUNCHER_FLAGS = ("coordinator_address", "num_processes", "process_id", "host_devices",
@@ -56,24 +67,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def flag_value(run_flags: list[str], name: str) -> str | None:
-    """The value of --name=VALUE / --name VALUE in `run_flags` (the last one), else None."""
-    value = None
-    for i, arg in enumerate(run_flags):
-        if arg.startswith(f"--{name}="):
-            value = arg.split("=", 1)[1]
-        elif arg == f"--{name}" and i + 1 < len(run_flags):
-            value = run_flags[i + 1]
-    return value
-
-
-def check_run_flags(run_flags: list[str]) -> None:
+def check_run_flags(run_flags: list[str]) -> RunCommand:
+    """The run's flags as experiments.run reads them (`config_from_argv`), checked before any
+    process starts: flags the launcher sets are refused, and so is the one-device strategy."""
     for arg in run_flags:
         name = arg.lstrip("-").split("=", 1)[0]
         if arg.startswith("-") and name in LAUNCHER_FLAGS:
             fail(f"--{name} is set by experiments.launch (use --processes / --devices_per_process)")
-        if arg.startswith("-") and name == "client_parallelism" and flag_value(run_flags, name) == "loop":
-            fail("--client_parallelism=loop runs on one device; a launched run needs shard, vmap or auto")
+    try:
+        command = config_from_argv(["experiments.run", *run_flags])
+    except UserInputError as e:
+        fail(str(e))
+    if command.options.client_parallelism == "loop":
+        fail("--client_parallelism=loop runs on one device; a launched run needs shard, vmap or auto")
+    return command
 
 
 def worker_env() -> dict[str, str]:
@@ -95,8 +102,6 @@ def _die_with_parent() -> None:
     """In the worker before exec (Linux): SIGKILL when the launcher dies, however it dies
     (SIGKILL, OOM, a timeout), so no worker goes on writing to the workdir alone."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
@@ -177,7 +182,7 @@ def stop_all(workers: list[Worker], grace: float) -> None:
 
 
 def launch(processes: int, devices: int, run_flags: list[str], log_dir: str, timeout_s: int,
-           grace: float) -> int:
+           grace: float, overwrites: bool = False) -> int:
     """Runs the N processes; returns the exit status (0: every process finished)."""
     stopping = []
     workers: list[Worker] = []
@@ -206,7 +211,7 @@ def launch(processes: int, devices: int, run_flags: list[str], log_dir: str, tim
             print(f"error: cannot start process {i}: {e.strerror or e}", file=sys.stderr, flush=True)
             return 1
     resume_hint = ("re-run the command without --overwrite to resume from the latest checkpoint"
-                   if _overwrites(run_flags) else
+                   if overwrites else
                    "re-run the same command to resume from the latest checkpoint")
 
     while not stopping:
@@ -256,39 +261,32 @@ def launch(processes: int, devices: int, run_flags: list[str], log_dir: str, tim
     return 1
 
 
-def _overwrites(run_flags: list[str]) -> bool:
-    value = None
-    for arg in run_flags:
-        if arg in ("--overwrite", "--overwrite=true", "--overwrite=True", "--overwrite=1"):
-            value = True
-        elif arg in ("--nooverwrite", "--overwrite=false", "--overwrite=False", "--overwrite=0"):
-            value = False
-    return bool(value)
-
-
 def main(argv):
     run_flags = argv[1:]
-    if _PROCESSES.value < 1:
-        fail(f"--processes must be >= 1, got {_PROCESSES.value}")
-    if _DEVICES.value < 1:
-        fail(f"--devices_per_process must be >= 1, got {_DEVICES.value}")
-    if _TIMEOUT.value < 1:
-        fail(f"--distributed_timeout_s must be >= 1, got {_TIMEOUT.value}")
-    if _GRACE.value < 0:
-        fail(f"--stop_grace_s must be >= 0, got {_GRACE.value}")
+    f = flags.FLAGS
+    if f.processes < 1:
+        fail(f"--processes must be >= 1, got {f.processes}")
+    if f.devices_per_process < 1:
+        fail(f"--devices_per_process must be >= 1, got {f.devices_per_process}")
+    if f.distributed_timeout_s < 1:
+        fail(f"--distributed_timeout_s must be >= 1, got {f.distributed_timeout_s}")
+    if f.stop_grace_s < 0:
+        fail(f"--stop_grace_s must be >= 0, got {f.stop_grace_s}")
     if run_flags and not run_flags[0].startswith("-"):
         fail(f"unexpected argument {run_flags[0]!r}: experiments.run's flags go after '--'")
-    check_run_flags(run_flags)
-    log_dir = _LOG_DIR.value
-    workdir = flag_value(run_flags, "workdir")
+    command = check_run_flags(run_flags)
+    log_dir = f.launch_logs
+    workdir = command.command.workdir
     if not log_dir:
         log_dir = os.path.join(workdir, "launch") if workdir else tempfile.mkdtemp(prefix="pfedla_launch_")
     try:
         os.makedirs(log_dir, exist_ok=True)
     except OSError as e:
         fail(f"cannot create the log folder {log_dir!r}: {e.strerror or e}")
-    sys.exit(launch(_PROCESSES.value, _DEVICES.value, run_flags, log_dir, _TIMEOUT.value, _GRACE.value))
+    sys.exit(launch(f.processes, f.devices_per_process, run_flags, log_dir, f.distributed_timeout_s,
+                    f.stop_grace_s, overwrites=command.options.overwrite))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from experiments.run import _WORKDIR, fail, parse_flags, start
+from experiments.cli import fail, parse_flags, start
+from pfedla_jax.data import label_histogram, load_dataset, make_partition, scheme_parameters
 from pfedla_jax.errors import UserInputError
 
 PLOTS = ("accuracy", "alpha_heatmap", "self_weight_per_layer", "self_weight_over_training",
@@ -54,14 +55,20 @@ PLOTS = ("accuracy", "alpha_heatmap", "self_weight_per_layer", "self_weight_over
 ALPHA_PLOTS = ("alpha_heatmap", "self_weight_per_layer", "self_weight_over_training", "group_weights")
 DEFAULT_LAYER = "FC1"
 
-_COMPARE = flags.DEFINE_multi_string(
-    "compare", [], "Another run's workdir to overlay on accuracy.png (repeatable).")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/plots).")
-_LAYER = flags.DEFINE_string(
-    "layer", None, f"Layer of alpha_heatmap_<layer>.png (default {DEFAULT_LAYER}, else the first layer).")
-_TARGET = flags.DEFINE_integer("target", 0, "group_weights.png: the target client (fig5 partition: 0).")
-_PLOTS = flags.DEFINE_list(
-    "plots", [], f"Plots to make, among {', '.join(PLOTS)} (default: all the run's files allow).")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The tool's flags, defined when it runs as a program (importing this module, as
+    experiments.table does, defines none)."""
+    flags.DEFINE_string("workdir", None, "The run's workdir (its metrics, summary and exports).",
+                        flag_values=flag_values)
+    flags.DEFINE_multi_string("compare", [], "Another run's workdir to overlay on accuracy.png "
+                              "(repeatable).", flag_values=flag_values)
+    flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/plots).", flag_values=flag_values)
+    flags.DEFINE_string("layer", None, f"Layer of alpha_heatmap_<layer>.png (default {DEFAULT_LAYER}, "
+                        "else the first layer).", flag_values=flag_values)
+    flags.DEFINE_integer("target", 0, "group_weights.png: the target client (fig5 partition: 0).",
+                         flag_values=flag_values)
+    flags.DEFINE_list("plots", [], f"Plots to make, among {', '.join(PLOTS)} (default: all the "
+                      "run's files allow).", flag_values=flag_values)
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -229,21 +236,15 @@ def label_histogram_of(run: Run) -> np.ndarray:
 
 def rebuild_label_histogram(config: dict[str, Any]) -> np.ndarray:
     """The partition's label histogram from a summary.json config (loads the dataset)."""
-    from pfedla_jax.data import label_histogram, load_dataset, make_partition
-
     try:
         ds = load_dataset(config["dataset"], config.get("data_dir"),
                           synthetic_per_class=config.get("synthetic_per_class", 600),
                           seed=config.get("seed", 0))
-        part = make_partition(
-            ds.labels, ds.num_classes, config["num_clients"], config["partition"],
-            classes_per_client=config.get("classes_per_client"),
-            dominant_classes=config.get("dominant_classes", 2),
-            dominant_share=config.get("dominant_share", 0.8),
-            dirichlet_alpha=config.get("dirichlet_alpha", 0.5),
-            min_client_size=config.get("min_client_size", 10),
-            samples_per_client=config.get("samples_per_client") or None,
-            seed=config.get("seed", 0))
+        scheme = config["partition"]
+        params = {name: config[name] for name in scheme_parameters(scheme) if name in config}
+        part = make_partition(ds.labels, ds.num_classes, config["num_clients"], scheme,
+                              samples_per_client=config.get("samples_per_client") or None,
+                              seed=config.get("seed", 0), **params)
     except KeyError as e:
         raise UserInputError(f"summary.json's config lacks {e}: cannot rebuild the partition") from None
     return label_histogram(part, ds)
@@ -252,7 +253,12 @@ def rebuild_label_histogram(config: dict[str, Any]) -> np.ndarray:
 # ----------------------------------------------------------------------------- plotting
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display).
+
+    Raises:
+      UserInputError: matplotlib is not installed.
+    """
     try:
         import matplotlib
     except ImportError:
@@ -272,10 +278,11 @@ def _integer_ticks():
     return MaxNLocator(integer=True)
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
+    """Writes `fig` to `path` (PNG, 100 dpi; folders created), closes it, returns `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -287,7 +294,7 @@ def plot_accuracy(curves: Sequence[tuple[str, dict[str, np.ndarray]]], path: str
         `accuracy_curves` returns; accuracies are fractions.
       path: the PNG to write.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (label, c) in enumerate(curves):
         color = f"C{i % 10}"
@@ -302,7 +309,7 @@ def plot_accuracy(curves: Sequence[tuple[str, dict[str, np.ndarray]]], path: str
     ax.set_title("Mean test accuracy over clients (weighted by test size)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_alpha_heatmap(alpha: np.ndarray, path: str, layer: str, round_: int | None = None,
@@ -317,7 +324,7 @@ def plot_alpha_heatmap(alpha: np.ndarray, path: str, layer: str, round_: int | N
       retained: optional bool [N]: clients that keep this layer local (HeurpFedLA); their
         row is the hypernetwork's alpha, not the one-hot the aggregation used.
     """
-    plt = _pyplot()
+    plt = pyplot()
     n = alpha.shape[0]
     size = min(9.0, 3.0 + 0.45 * n)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
@@ -338,7 +345,7 @@ def plot_alpha_heatmap(alpha: np.ndarray, path: str, layer: str, round_: int | N
     if retained is not None and np.any(retained):
         title += f"\n({int(np.sum(retained))} client(s) keep this layer local)"
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_self_weight_per_layer(self_w: np.ndarray, layers: Sequence[str], path: str,
@@ -351,7 +358,7 @@ def plot_self_weight_per_layer(self_w: np.ndarray, layers: Sequence[str], path: 
       path: the PNG to write.
       round_: the round (title).
     """
-    plt = _pyplot()
+    plt = pyplot()
     n, num_layers = self_w.shape
     fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * num_layers), 4.0))
     x = np.arange(num_layers)
@@ -367,7 +374,7 @@ def plot_self_weight_per_layer(self_w: np.ndarray, layers: Sequence[str], path: 
     ax.set_title("Self-weight per layer" + (f", round {round_}" if round_ is not None else ""))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_self_weight_over_training(rounds: np.ndarray, self_w: np.ndarray, layers: Sequence[str],
@@ -380,7 +387,7 @@ def plot_self_weight_over_training(rounds: np.ndarray, self_w: np.ndarray, layer
       layers: L names.
       path: the PNG to write.
     """
-    plt = _pyplot()
+    plt = pyplot()
     n = self_w.shape[1]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     marker = "o" if len(rounds) <= 30 else None
@@ -395,7 +402,7 @@ def plot_self_weight_over_training(rounds: np.ndarray, self_w: np.ndarray, layer
     ax.set_title("Self-weight over training")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_group_weights(rounds: np.ndarray, weights: np.ndarray, layers: Sequence[str],
@@ -410,7 +417,7 @@ def plot_group_weights(rounds: np.ndarray, weights: np.ndarray, layers: Sequence
       path: the PNG to write.
       target: the target client (title).
     """
-    plt = _pyplot()
+    plt = pyplot()
     num_layers = len(layers)
     cols = min(4, num_layers)
     rows = -(-num_layers // cols)
@@ -433,7 +440,7 @@ def plot_group_weights(rounds: np.ndarray, weights: np.ndarray, layers: Sequence
     axes[0, 0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"Weights client {target} puts on each group of clients (paper Fig. 5)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_label_histogram(hist: np.ndarray, path: str) -> str:
@@ -443,7 +450,7 @@ def plot_label_histogram(hist: np.ndarray, path: str) -> str:
       hist: int [N, C].
       path: the PNG to write.
     """
-    plt = _pyplot()
+    plt = pyplot()
     n, c = hist.shape
     fig, ax = plt.subplots(figsize=(min(12.0, max(5.0, 1.5 + 0.35 * n)), 4.0))
     cmap = plt.get_cmap("tab10" if c <= 10 else "tab20" if c <= 20 else "viridis")
@@ -462,7 +469,7 @@ def plot_label_histogram(hist: np.ndarray, path: str) -> str:
         ax.set_xticks(x)
     if c <= 20:
         ax.legend(title="class", fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -553,9 +560,9 @@ def make_plots(workdir: str, compare: Sequence[str] = (), out: str | None = None
 
 def main(argv):
     start(argv)
+    f = flags.FLAGS
     try:
-        paths = make_plots(_WORKDIR.value, _COMPARE.value, _OUT.value, _LAYER.value, _PLOTS.value,
-                           target=_TARGET.value)
+        paths = make_plots(f.workdir, f.compare, f.out, f.layer, f.plots, target=f.target)
     except UserInputError as e:
         fail(str(e))
     except OSError as e:
@@ -565,4 +572,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -4,7 +4,8 @@ Each --run is `NAME:field=value,field=value` over ExperimentConfig fields (neste
 with a dot: `train.local_epochs=5`; the algorithm's options prefixed with its name:
 `pfedla.hn_lr=0.1`, `pfedla.hn.normalization=softmax`; `algorithm=NAME` switches to that
 algorithm, whose options then come from the flags). Base settings come from the other
-flags (same names as experiments.run; `training.config.apply_overrides` does the rest).
+flags: every flag of experiments.run (`--import=MODULE` included), options of any
+algorithm allowed; `training.config.apply_overrides` does the rest.
 
 With --seeds=0,1,2 every run is repeated per seed and a mean ± std table (final round and
 best round, labelled) is printed; with --sweep_dir every run gets its own resumable workdir.
@@ -22,18 +23,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
-from absl import app, flags
+from absl import flags
 
-from experiments.run import fail, start
+from experiments.cli import fail, start
+from pfedla_jax.errors import UserInputError
+from pfedla_jax.training.command_line import (algorithm_config_from_flags, config_from_argv,
+                                              help_text, wants_help)
+from pfedla_jax.training.config import apply_overrides
+from pfedla_jax.training.loop import run_experiment
+from pfedla_jax.training.tables import format_seed_table, seed_table
 
-_RUNS = flags.DEFINE_multi_string("run", [], "NAME:field=value,... (repeatable).")
-_OUT = flags.DEFINE_string("out", None, "Write all summaries to this JSON file.")
-_SEEDS = flags.DEFINE_string("seeds", None, "Comma-separated seeds: run every --run once per seed "
-                             "and print a mean ± std table (overrides --seed).")
-_ROOT = flags.DEFINE_string("sweep_dir", None, "Give every run a workdir SWEEP_DIR/NAME/seed_S "
-                            "(checkpoints, metrics; a re-run resumes); with --seeds also write "
-                            "SWEEP_DIR/seeds.{json,md}.")
+
+def define_flags(values: flags.FlagValues) -> None:
+    """The sweep's own flags (beside experiments.run's)."""
+    flags.DEFINE_multi_string("run", [], "NAME:field=value,... (repeatable).", flag_values=values)
+    flags.DEFINE_string("out", None, "Write all summaries to this JSON file.", flag_values=values)
+    flags.DEFINE_string("seeds", None, "Comma-separated seeds: run every --run once per seed "
+                        "and print a mean ± std table (overrides --seed).", flag_values=values)
+    flags.DEFINE_string("sweep_dir", None, "Give every run a workdir SWEEP_DIR/NAME/seed_S "
+                        "(checkpoints, metrics; a re-run resumes); with --seeds also write "
+                        "SWEEP_DIR/seeds.{json,md}.", flag_values=values)
 
 
 def _seeds(text):
@@ -49,36 +60,39 @@ def _seeds(text):
 
 
 def main(argv):
-    start(argv)
-    from experiments.run import _config, _run_options, algorithm_config_from_flags
-    from pfedla_jax.errors import UserInputError
-    from pfedla_jax.training.config import apply_overrides
-    from pfedla_jax.training.loop import run_experiment
-    from pfedla_jax.training.tables import format_seed_table, seed_table
-
-    base = _config(strict=False)
-    seeds = _seeds(_SEEDS.value)
-    if not _RUNS.value:
+    if wants_help(argv):
+        print(help_text("experiments.sweep", argv, __doc__.split("\n\n")[0], extra=define_flags))
+        return
+    try:
+        command = config_from_argv(argv, strict=False, extra=define_flags)
+    except UserInputError as e:
+        fail(str(e))
+    start(argv[:1], command.options.host_devices)
+    values = command.flag_values
+    base, options = command.config, command.options
+    runs, out, root = values["run"].value, values["out"].value, values["sweep_dir"].value
+    seeds = _seeds(values["seeds"].value)
+    if not runs:
         fail("give at least one --run=NAME:field=value,...")
-    names = [spec.partition(":")[0] for spec in _RUNS.value]
+    names = [spec.partition(":")[0] for spec in runs]
     if len(set(names)) != len(names) or not all(names):
         fail(f"--run names must be distinct and non-empty, got {names}")
+    from_flags = lambda name: algorithm_config_from_flags(name, values)
     results = []
     for seed in seeds or [base.seed]:
-        for spec in _RUNS.value:
+        for spec in runs:
             name, _, body = spec.partition(":")
             items = [tuple(p.strip() for p in item.partition("=")[::2])
                      for item in filter(None, body.split(","))]
             if seeds and any(k == "seed" for k, _ in items):
                 fail(f"--run {name!r} sets seed while --seeds is given")
             try:
-                config = apply_overrides(dataclasses.replace(base, seed=seed), items,
-                                         algorithm_config_from_flags)
+                config = apply_overrides(dataclasses.replace(base, seed=seed), items, from_flags)
             except UserInputError as e:
                 fail(f"{name}: {e}")
-            workdir = (os.path.join(_ROOT.value, name, f"seed_{config.seed}") if _ROOT.value else None)
+            workdir = (os.path.join(root, name, f"seed_{config.seed}") if root else None)
             try:
-                summary = run_experiment(config, workdir, log=lambda s: None, options=_run_options())
+                summary = run_experiment(config, workdir, log=lambda s: None, options=options)
             except UserInputError as e:
                 fail(f"{name}: {e}")
             final = summary["final"]
@@ -95,22 +109,21 @@ def main(argv):
                   f"{row['best_test_acc']:.4f}@{row['best_round']:<4d} local-view "
                   f"{fmt(row['local_test_acc'])}  self {fmt(row['alpha_self_mean'])}  "
                   f"{row['median_round_seconds']:.2f}s/round", flush=True)
-            if _OUT.value:
-                os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-                with open(_OUT.value, "w") as f:
+            if out:
+                os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+                with open(out, "w") as f:
                     json.dump({"base": base.to_dict(), "results": results}, f, indent=2)
     if seeds:
         table = seed_table(results)
         text = format_seed_table(table)
         print(f"\nmean ± std over seeds {seeds} (accuracy %):\n{text}", flush=True)
-        if _ROOT.value:
-            with open(os.path.join(_ROOT.value, "seeds.json"), "w") as f:
+        if root:
+            with open(os.path.join(root, "seeds.json"), "w") as f:
                 json.dump({"base": base.to_dict(), "seeds": seeds, "table": table,
                            "results": results}, f, indent=2)
-            with open(os.path.join(_ROOT.value, "seeds.md"), "w") as f:
+            with open(os.path.join(root, "seeds.md"), "w") as f:
                 f.write(text + "\n")
 
 
 if __name__ == "__main__":
-    from experiments.run import parse_flags
-    app.run(main, flags_parser=parse_flags)
+    main(sys.argv)

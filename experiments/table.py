@@ -7,16 +7,20 @@ Example (Table 1, FMNIST, 10 clients of 200 examples, the CPU budget, three seed
       --table_dir=runs/table1_fmnist_small_cpu
 
 Every (method, seed) is one `python -m experiments.run` process with the preset's flags, the
-budget's flags, the method's flags (only `--algorithm`, and `--heur_k=1` for HeurpFedLA: every
-method runs with its documented defaults), then --run_flags, `--seed` and `--workdir`
-(later flags override earlier ones). Runs are resumable: each has its workdir
-TABLE_DIR/runs/<method>/seed_<s>; a re-run of the same command skips finished runs and
-resumes unfinished ones from their last checkpoint (experiments.run's own resume).
+budget's flags, the --import modules, the method's flags (`--algorithm` and the row's own
+options, e.g. `--heur_k=1` for HeurpFedLA: every method runs with its documented defaults),
+then --run_flags, `--seed` and `--workdir` (later flags override earlier ones). Runs are
+resumable: each has its workdir TABLE_DIR/runs/<method>/seed_<s>; a re-run of the same
+command skips finished runs and resumes unfinished ones from their last checkpoint
+(experiments.run's own resume).
 
-Methods (the paper's rows, in its order): local, fedavg, perfedavg, pfedme, pfedhn, fedbn,
-fedrep, fedfomo, pfedla, heurpfedla (= pfedla --heur_k=1). `--methods=all` takes every one,
-except FedBN when the preset's model has no BatchNorm layer (the paper leaves that cell empty;
-FedBN would be FedAvg there); naming fedbn explicitly runs it anyway.
+Methods: the rows every registered algorithm declares (`Algorithm.table_rows`: key, row
+label, place, options), in their order: the paper's rows local, fedavg, perfedavg, pfedme,
+pfedhn, fedbn, fedrep, fedfomo, pfedla, heurpfedla (= pfedla --heur_k=1), then the rows of
+any other algorithm, e.g. one of a module given with `--import=my_package.my_algorithm`
+(one row named after it unless it declares its own). `--methods=all` takes every row,
+except those that need BatchNorm (FedBN) when the preset's model has none (the paper leaves
+that cell empty; FedBN would be FedAvg there); naming fedbn explicitly runs it anyway.
 
 Budgets: `paper` runs the preset as it is (the paper's rounds and local epochs); `cpu` adds
 the flags of the preset's line `# CPU budget (experiments.table --budget=cpu): --rounds=...`
@@ -64,47 +68,97 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from absl import app, flags
 
 from experiments.cli import fail, parse_flags
+from experiments.plots import plot_label_histogram, pyplot, save_figure
+from pfedla_jax.algorithms import algorithm_class, algorithm_names, config_fields
+from pfedla_jax.errors import UserInputError
+from pfedla_jax.training.command_line import config_from_argv, import_plugin
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
-
-# (key, the paper's row name, run flags): the paper's Tables 1-2 rows, in its order.
-METHODS = (
-    ("local", "Local", ("--algorithm=local",)),
-    ("fedavg", "FedAvg", ("--algorithm=fedavg",)),
-    ("perfedavg", "Per-FedAvg", ("--algorithm=perfedavg",)),
-    ("pfedme", "pFedMe", ("--algorithm=pfedme",)),
-    ("pfedhn", "pFedHN", ("--algorithm=pfedhn",)),
-    ("fedbn", "FedBN", ("--algorithm=fedbn",)),
-    ("fedrep", "FedRep", ("--algorithm=fedrep",)),
-    ("fedfomo", "FedFomo", ("--algorithm=fedfomo",)),
-    ("pfedla", "pFedLA", ("--algorithm=pfedla",)),
-    ("heurpfedla", "HeurpFedLA (k=1)", ("--algorithm=pfedla", "--heur_k=1")),
-)
-METHOD_KEYS = tuple(m[0] for m in METHODS)
-DISPLAY = {k: d for k, d, _ in METHODS}
-RUN_FLAGS = {k: f for k, _, f in METHODS}
 BUDGETS = ("paper", "cpu")
 CPU_BUDGET_MARK = "CPU budget (experiments.table --budget=cpu):"
-# Flags the tool sets for every run; --run_flags may not give them.
-OWN_FLAGS = ("algorithm", "heur_k", "seed", "workdir", "flagfile", "overwrite", "quiet")
+# Flags the tool sets for every run; --run_flags may not give them (nor a row's options).
+OWN_FLAGS = ("algorithm", "seed", "workdir", "flagfile", "overwrite", "quiet", "import")
 # Datasets whose images have one channel: the model has no BatchNorm unless --use_bn=true.
 GRAY = ("fmnist", "synthetic", "tfds:fashion_mnist", "tfds:mnist")
 
-_PRESET = flags.DEFINE_string("preset", None, "A preset name (experiments/presets/NAME.flags) or a .flags path.")
-_SEEDS = flags.DEFINE_string("seeds", "0", "Comma-separated seeds, e.g. 0,1,2.")
-_METHODS = flags.DEFINE_string("methods", "all", f"all | comma-separated among {','.join(METHOD_KEYS)}.")
-_BUDGET = flags.DEFINE_string("budget", "paper", "paper (the preset's rounds and epochs) | cpu "
-                              "(the preset's CPU budget line).")
-_DIR = flags.DEFINE_string("table_dir", None, "Output folder (default runs/table/<preset>_<budget>).")
-_RUN_FLAGS = flags.DEFINE_string("run_flags", "", "Extra experiments.run flags for every run, e.g. "
-                                 "'--host_devices=1 --client_parallelism=loop' (with --jobs=2 on a "
-                                 "2-core CPU) or '--data_dir=...'.")
-_JOBS = flags.DEFINE_integer("jobs", 1, "Runs at a time (separate processes).")
 
-_TOOL_FLAGS = {"preset", "seeds", "methods", "budget", "table_dir", "run_flags", "jobs"}
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A row of the table: a registered algorithm with some of its options.
+
+    Attributes:
+      key: the name in --methods.
+      display: the row label (the paper's numbers in a preset's header are matched by it).
+      algorithm: the registered algorithm.
+      flags: the experiments.run flags of the row (--algorithm and the row's options).
+      needs_batchnorm: left out of --methods=all on a model without BatchNorm.
+    """
+
+    key: str
+    display: str
+    algorithm: str
+    flags: tuple[str, ...]
+    needs_batchnorm: bool = False
+
+
+def methods() -> dict[str, Method]:
+    """Every row of every registered algorithm (`Algorithm.rows()`), in table order (the
+    rows' `order`, then key). A row's options become flags under the field's historical
+    name where it has one (`--heur_k=1`), else `--<algorithm>_<field>`."""
+    out = []
+    for name in algorithm_names():
+        fields = {f.path: f for f in config_fields(name)}
+        for row in algorithm_class(name).rows():
+            row_flags = [f"--algorithm={name}"]
+            for path, value in row.options:
+                field = fields[path]
+                text = str(value).lower() if isinstance(value, bool) else str(value)
+                row_flags.append(f"--{field.alias or field.flag}={text}")
+            out.append((row.order, row.key, Method(row.key, row.display, name, tuple(row_flags),
+                                                     row.needs_batchnorm)))
+    keys = [key for _, key, _ in out]
+    duplicate = next((k for k in keys if keys.count(k) > 1), None)
+    if duplicate is not None:
+        raise TableError(f"two algorithms declare the table row {duplicate!r}")
+    return {m.key: m for _, _, m in sorted(out, key=lambda t: (t[0], t[1]))}
+
+
+def method_flag_names() -> set[str]:
+    """The names of every flag a row sets (and their other names)."""
+    names = set()
+    for m in methods().values():
+        for flag in m.flags[1:]:
+            names.add(flag[2:].split("=", 1)[0])
+    for name in algorithm_names():
+        for f in config_fields(name):
+            if f.flag in names or f.alias in names:
+                names |= {f.flag, f.alias} - {""}
+    return names
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The tool's flags, defined when it runs as a program (importing the module defines none)."""
+    flags.DEFINE_string("preset", None, "A preset name (experiments/presets/NAME.flags) or a .flags "
+                        "path.", flag_values=flag_values)
+    flags.DEFINE_string("seeds", "0", "Comma-separated seeds, e.g. 0,1,2.", flag_values=flag_values)
+    flags.DEFINE_string("methods", "all", "all | comma-separated among the rows of the registered "
+                        "algorithms: " + ",".join(methods()) + " (and those of --import modules).",
+                        flag_values=flag_values)
+    flags.DEFINE_string("budget", "paper", "paper (the preset's rounds and epochs) | cpu (the "
+                        "preset's CPU budget line).", flag_values=flag_values)
+    flags.DEFINE_string("table_dir", None, "Output folder (default runs/table/<preset>_<budget>).",
+                        flag_values=flag_values)
+    flags.DEFINE_string("run_flags", "", "Extra experiments.run flags for every run, e.g. "
+                        "'--host_devices=1 --client_parallelism=loop' (with --jobs=2 on a 2-core "
+                        "CPU) or '--data_dir=...'.", flag_values=flag_values)
+    flags.DEFINE_integer("jobs", 1, "Runs at a time (separate processes).", flag_values=flag_values)
+    flags.DEFINE_multi_string("import", [], "A module (my_package.my_algorithm, or path/to/file.py) "
+                              "that registers algorithms: their rows join the table, and every run "
+                              "imports it too. Repeatable.", flag_values=flag_values)
 
 
 class TableError(Exception):
@@ -164,7 +218,8 @@ def paper_numbers(header: str) -> dict[str, tuple[float, float]]:
     sentences = re.findall(r"Paper\b.*?(?:\.\s|\.$|$)", text)
     out: dict[str, tuple[float, float]] = {}
     for sentence in sentences:
-        for key, display, _ in METHODS:
+        for key, method in methods().items():
+            display = method.display
             m = re.search(r"(?<![\w-])" + re.escape(display) + r"\s+(\d+(?:\.\d+)?)\s*±\s*(\d+(?:\.\d+)?)",
                           sentence)
             if m and key not in out:
@@ -234,15 +289,17 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_methods(text: str, has_bn: bool) -> list[str]:
-    """The methods to run, in the paper's row order."""
+    """The methods to run, in table order (`methods()`): `all` leaves out the rows that need
+    BatchNorm on a model without it (FedBN would be FedAvg there); naming one runs it anyway."""
+    rows = methods()
     if text.strip() == "all":
-        return [k for k in METHOD_KEYS if k != "fedbn" or has_bn]
+        return [k for k, m in rows.items() if has_bn or not m.needs_batchnorm]
     wanted = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in wanted if m not in METHOD_KEYS]
+    unknown = [m for m in wanted if m not in rows]
     if unknown or not wanted:
         raise TableError(f"unknown --methods {', '.join(unknown) or repr(text)}; expected all or "
-                         f"a comma-separated list among {', '.join(METHOD_KEYS)}")
-    return [k for k in METHOD_KEYS if k in wanted]
+                         f"a comma-separated list among {', '.join(rows)}")
+    return [k for k in rows if k in wanted]
 
 
 def parse_run_flags(text: str) -> list[str]:
@@ -254,8 +311,10 @@ def parse_run_flags(text: str) -> list[str]:
         if not item.startswith("--"):
             raise TableError(f"--run_flags takes --name=value flags, got {item!r}")
         name = item[2:].split("=", 1)[0]
-        if name in OWN_FLAGS or name.removeprefix("no") in OWN_FLAGS:
-            raise TableError(f"--run_flags may not set --{name}: the table tool sets it for each run")
+        own = set(OWN_FLAGS) | method_flag_names()
+        if name in own or name.removeprefix("no") in own:
+            raise TableError(f"--run_flags may not set --{name}: the table tool sets it for each run"
+                             + (" (use the table's --import)" if name == "import" else ""))
     return items
 
 
@@ -276,8 +335,8 @@ class RunSpec:
         return {"argv": list(self.argv), "preset_sha256": self.preset_sha256}
 
 
-def plan_runs(preset: Preset, seeds: Sequence[int], methods: Sequence[str], budget: str,
-              run_flags: Sequence[str], table_dir: str) -> list[RunSpec]:
+def plan_runs(preset: Preset, seeds: Sequence[int], methods_: Sequence[str], budget: str,
+              run_flags: Sequence[str], table_dir: str, imports: Sequence[str] = ()) -> list[RunSpec]:
     """Every (method, seed) run, methods in the paper's order, seeds inner.
 
     Raises:
@@ -294,12 +353,15 @@ def plan_runs(preset: Preset, seeds: Sequence[int], methods: Sequence[str], budg
                              f"--rounds=...' line); presets with one: {', '.join(with_budget) or 'none'}")
         budget_flags = preset.cpu_budget
     table_dir = os.path.abspath(table_dir)
+    rows = methods()
+    plugin_flags = tuple(f"--import={p}" for p in imports)
     specs = []
-    for method in methods:
+    for method in methods_:
         for seed in seeds:
             workdir = os.path.join(table_dir, "runs", method, f"seed_{seed}")
             argv = ("-m", "experiments.run", f"--flagfile={preset.path}", *budget_flags,
-                    *RUN_FLAGS[method], *run_flags, f"--seed={seed}", f"--workdir={workdir}", "--quiet")
+                    *plugin_flags, *rows[method].flags, *run_flags, f"--seed={seed}",
+                    f"--workdir={workdir}", "--quiet")
             specs.append(RunSpec(method, seed, workdir, os.path.join(table_dir, "logs", f"{method}_seed{seed}.log"),
                                  argv, preset.sha256))
     return specs
@@ -426,10 +488,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def aggregate(results: Sequence[dict[str, Any]], methods: Sequence[str],
               paper: dict[str, tuple[float, float]]) -> list[dict[str, Any]]:
     """Per method (in `methods` order): mean ± std in percent over the seeds that finished."""
+    display = {k: m.display for k, m in globals()["methods"]().items()}
     rows = []
     for method in methods:
         mine = [r for r in results if r["method"] == method]
-        row: dict[str, Any] = {"method": method, "name": DISPLAY[method], "seeds": [r["seed"] for r in mine],
+        row: dict[str, Any] = {"method": method, "name": display[method], "seeds": [r["seed"] for r in mine],
                                "paper": paper.get(method)}
         if mine:
             for key in ("final", "last10", "best"):
@@ -512,10 +575,8 @@ def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
 def plot_curves(results: Sequence[dict[str, Any]], methods: Sequence[str], path: str) -> str | None:
     """Mean test accuracy (%) over rounds per method, with a ± one-std band over seeds (seeds
     whose evaluated rounds differ from the method's first seed's are left out)."""
-    from experiments.plots import _pyplot, _save
-    import numpy as np
-
-    plt = _pyplot()
+    display = {k: m.display for k, m in globals()["methods"]().items()}
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     drawn = 0
     for i, method in enumerate(methods):
@@ -526,7 +587,7 @@ def plot_curves(results: Sequence[dict[str, Any]], methods: Sequence[str], path:
         curves = np.array([r["curve"] for r in mine if r["rounds"] == rounds]) * 100
         mean = curves.mean(0)
         color = f"C{i % 10}"
-        ax.plot(rounds, mean, color=color, label=f"{DISPLAY[method]} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+        ax.plot(rounds, mean, color=color, label=f"{display[method]} ({len(curves)} seed{'s' * (len(curves) > 1)})")
         if len(curves) > 1:
             std = curves.std(0, ddof=1)
             ax.fill_between(rounds, mean - std, mean + std, color=color, alpha=0.15, lw=0)
@@ -539,7 +600,7 @@ def plot_curves(results: Sequence[dict[str, Any]], methods: Sequence[str], path:
     ax.set_title("Mean test accuracy over clients; band: ± one std over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_outputs(table_dir: str, results: list[dict[str, Any]], rows: list[dict[str, Any]],
@@ -556,9 +617,6 @@ def write_outputs(table_dir: str, results: list[dict[str, Any]], rows: list[dict
     plot_curves(results, methods, os.path.join(table_dir, "curves.png"))
     first = [r for r in results if r["seed"] == meta["seeds"][0] and r.get("label_histogram")]
     if first:
-        import numpy as np
-
-        from experiments.plots import plot_label_histogram
         plot_label_histogram(np.asarray(first[0]["label_histogram"]),
                              os.path.join(table_dir, f"label_histogram_seed{meta['seeds'][0]}.png"))
 
@@ -567,43 +625,47 @@ def write_outputs(table_dir: str, results: list[dict[str, Any]], rows: list[dict
 
 
 def check_run_configs(specs: Sequence[RunSpec]) -> None:
-    """Parses each method's run flags as `experiments.run` does and validates the config, before
-    anything runs (a bad --run_flags is one error, not one failed run per method and seed).
+    """Parses each method's run flags as `experiments.run` does (`config_from_argv`) and
+    validates the config, before anything runs (a bad --run_flags is one error, not one
+    failed run per method and seed).
 
     Raises:
-      TableError: a flag experiments.run does not know, or a config it refuses. (Its own
-        checks that print `error: ...` and exit 2 do so here too.)
+      TableError: a flag experiments.run does not know, or a config it refuses.
     """
-    from experiments import run as run_cli  # defines experiments.run's flags (after ours are read)
-    from pfedla_jax.errors import UserInputError
-
     seen = set()
     for spec in specs:
         argv = tuple(a for a in spec.argv[2:] if not a.startswith(("--workdir=", "--seed=")) and a != "--quiet")
         if argv in seen:
             continue
         seen.add(argv)
-        flags.FLAGS.unparse_flags()
         try:
-            flags.FLAGS(["experiments.run", *argv])
-        except flags.Error as e:
-            raise TableError(f"{spec.method}: {e}") from None
-        finally:
-            if not flags.FLAGS.is_parsed():  # absl's app.run reads its own flags on the way out
-                flags.FLAGS.mark_as_parsed()
-        try:
-            run_cli._config().validate()  # pylint: disable=protected-access
+            config_from_argv(["experiments.run", *argv])
         except UserInputError as e:
             raise TableError(f"{spec.method}: {e}") from None
 
 
+def import_plugins(imports: Sequence[str]) -> list[str]:
+    """Imports the --import modules (their algorithms' rows join the table); returns them as
+    every run will import them (paths of .py files made absolute).
+
+    Raises:
+      UserInputError: a module that cannot be imported.
+    """
+    out = []
+    for spec in imports:
+        import_plugin(spec)
+        out.append(os.path.abspath(spec) if spec.endswith(".py") or os.sep in spec else spec)
+    return out
+
+
 def make_table(preset_name: str, seeds_text: str, methods_text: str, budget: str, table_dir: str | None,
-               run_flags_text: str = "", jobs: int = 1, log=print) -> int:
+               run_flags_text: str = "", jobs: int = 1, log=print, imports: Sequence[str] = ()) -> int:
     """Plans, runs (or resumes) and tabulates; returns the exit status (0, or 1 if a run failed).
 
     Raises:
-      TableError: bad input (nothing is run).
+      TableError, UserInputError: bad input (nothing is run).
     """
+    imports = import_plugins(imports)
     preset = read_preset(resolve_preset(preset_name))
     seeds = parse_seeds(seeds_text)
     run_flags = parse_run_flags(run_flags_text)
@@ -616,7 +678,7 @@ def make_table(preset_name: str, seeds_text: str, methods_text: str, budget: str
     table_dir = table_dir or os.path.join("runs", "table", f"{preset.name}_{budget}")
     if os.path.exists(table_dir) and not os.path.isdir(table_dir):
         raise TableError(f"--table_dir {table_dir!r} is a file, not a folder")
-    specs = plan_runs(preset, seeds, methods, budget, run_flags, table_dir)
+    specs = plan_runs(preset, seeds, methods, budget, run_flags, table_dir, imports)
     check_run_configs(specs)
     try:
         os.makedirs(os.path.join(table_dir, "logs"), exist_ok=True)
@@ -625,7 +687,8 @@ def make_table(preset_name: str, seeds_text: str, methods_text: str, budget: str
     command = " ".join(["python -m experiments.table", f"--preset={preset_name}", f"--seeds={seeds_text}",
                         f"--methods={methods_text}", f"--budget={budget}", f"--table_dir={table_dir}"]
                        + ([f"--run_flags={shlex.quote(run_flags_text)}"] if run_flags_text else [])
-                       + ([f"--jobs={jobs}"] if jobs > 1 else []))
+                       + ([f"--jobs={jobs}"] if jobs > 1 else [])
+                       + [f"--import={p}" for p in imports])
     log(f"{preset.name}, budget {budget}: {len(methods)} methods x {len(seeds)} seeds = {len(specs)} runs "
         f"-> {os.path.abspath(table_dir)}")
     lock = threading.Lock()
@@ -686,13 +749,12 @@ def make_table(preset_name: str, seeds_text: str, methods_text: str, budget: str
 
 
 def main(argv):
-    from pfedla_jax.errors import UserInputError
-
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
     try:
-        code = make_table(_PRESET.value, _SEEDS.value, _METHODS.value, _BUDGET.value, _DIR.value,
-                          _RUN_FLAGS.value, _JOBS.value)
+        code = make_table(f.preset, f.seeds, f.methods, f.budget, f.table_dir, f.run_flags, f.jobs,
+                          imports=f["import"].value)
     except (TableError, UserInputError) as e:
         fail(str(e))
     except OSError as e:
@@ -701,4 +763,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -3,8 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from pfedla_jax.algorithms import FedAvg, FLContext, Local
+from pfedla_jax.algorithms import FLContext
+from pfedla_jax.algorithms.fedavg import FedAvg
+from pfedla_jax.algorithms.local import Local
 from pfedla_jax.core.evaluation import Evaluator, summarize
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.models import layer_names, make_cnn
@@ -18,6 +21,7 @@ def _ctx(store, ds, cfg, strategy="loop"):
                      num_clients=store.train_idx.shape[0], input_shape=ds.input_shape)
 
 
+@pytest.mark.slow
 def test_fedavg_round_is_train_size_weighted_average():
     ds, store = small_store(num_clients=3, scheme="dirichlet", samples_per_client=40,
                             dirichlet_alpha=1.0, min_client_size=15)
@@ -58,6 +62,7 @@ def _run(algo, rounds, evaluator):
     return before, after, state
 
 
+@pytest.mark.slow
 def test_local_learns_on_synthetic():
     ds, store = small_store(num_clients=4, samples_per_client=200, per_class=200)  # 2 classes each
     ctx = _ctx(store, ds, LocalTrainConfig(batch_size=16, local_epochs=1, lr=0.05))
@@ -65,6 +70,7 @@ def test_local_learns_on_synthetic():
     assert before < 0.3 and after > 0.75, (before, after)
 
 
+@pytest.mark.slow
 def test_fedavg_learns_and_beats_local_on_iid_synthetic():
     """On IID clients collaboration must help: FedAvg's global model beats Local."""
     ds, store = small_store(num_clients=4, samples_per_client=200, per_class=200, scheme="iid",

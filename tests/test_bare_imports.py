@@ -4,11 +4,12 @@ The GPU machines this project is checked on have jax, flax, optax, chex, absl-py
 orbax-checkpoint, matplotlib and torch, but not tensorflow-datasets or tensorboardX. Each
 test here runs a subprocess whose `sitecustomize` installs a `sys.meta_path` finder that makes
 importing those packages fail as if they were not installed (whether or not they are), and
-checks: every entry point imports; a synthetic-data experiment with a workdir runs, warns once
+checks: every module imports; a synthetic-data experiment with a workdir runs, warns once
 about the missing tensorboardX and still writes its metrics; an explicit `tfds:` dataset is one
-`error: ...` line; `experiments.gpu_check --smoke` runs a section in its own process. (The whole
+`error: ...` line; `experiments.bench.gpu_check --smoke` runs a section in its own process. (The whole
 `gpu_check --smoke` runs on the bare machine in tests/test_gpu_check.py, which checks its
-figures.)
+figures; the metrics writer without tensorboardX, in process, is in
+tests/test_workdir_metrics.py.) Every test here starts a process: all slow.
 """
 
 import json
@@ -62,23 +63,12 @@ def bare(tmp_path_factory):
     return bare_env(tmp_path_factory.mktemp("bare_machine"))
 
 
-# experiments' CLIs define absl flags at import and some share names (--out): one process each
-# for those that cannot be imported together
-ENTRY_POINT_GROUPS = [
-    ("experiments.run", "experiments.benchmark", "experiments.gpu_check",
-     "experiments.torch_baseline", "experiments.torch_baseline.parity"),
-    ("experiments.plots",),
-    ("experiments.sweep",),
-    ("experiments.table",),  # its own process: it and sweep both define --seeds
-    # launch passes --distributed_timeout_s on to experiments.run: both define it
-    ("experiments.launch", "experiments.state_size"),
-]
-
-
-@pytest.mark.parametrize("modules", ENTRY_POINT_GROUPS, ids=lambda m: m[0])
-def test_blocked_packages_are_missing_and_everything_imports(bare, modules):
-    """Every module of pfedla_jax (walked) and the experiments' entry points import on the
-    bare machine, and none of them loads a blocked package."""
+@pytest.mark.slow  # starts a process
+def test_blocked_packages_are_missing_and_everything_imports(bare):
+    """Every module of pfedla_jax and of experiments (walked: every entry point, the
+    measurement tools, the PyTorch reference) imports on the bare machine, all in one
+    process (importing a tool defines no flag, so they import together), and none of them
+    loads a blocked package."""
     code = textwrap.dedent(f"""\
         import importlib, importlib.util, pkgutil, sys
         for name in {BLOCKED!r}:
@@ -89,11 +79,15 @@ def test_blocked_packages_are_missing_and_everything_imports(bare, modules):
                 pass
             else:
                 raise SystemExit(f"{{name}} imported: the blocker does not work")
-        import pfedla_jax
-        for info in pkgutil.walk_packages(pfedla_jax.__path__, "pfedla_jax."):
-            importlib.import_module(info.name)
-        for name in {modules!r}:
-            importlib.import_module(name)
+        import experiments, pfedla_jax
+        walked = []
+        for package in (pfedla_jax, experiments):
+            for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+                importlib.import_module(info.name)
+                walked.append(info.name)
+        for name in ("experiments.run", "experiments.sweep", "experiments.table", "experiments.plots",
+                     "experiments.launch", "experiments.torch_baseline.parity"):
+            assert name in walked, name
         loaded = sorted(m for m in sys.modules if m.partition(".")[0] in {BLOCKED!r})
         assert not loaded, loaded
         print("ok")
@@ -102,6 +96,7 @@ def test_blocked_packages_are_missing_and_everything_imports(bare, modules):
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
 
 
+@pytest.mark.slow  # starts a process that trains
 def test_synthetic_experiment_runs_without_tensorboardx(bare, tmp_path):
     workdir = tmp_path / "run"
     p = run_bare(bare, ["-m", "experiments.run", "--algorithm=fedavg", "--dataset=synthetic",
@@ -120,6 +115,7 @@ def test_synthetic_experiment_runs_without_tensorboardx(bare, tmp_path):
     assert not tb.exists() or not any("tfevents" in n for n in os.listdir(tb))
 
 
+@pytest.mark.slow  # starts a process
 def test_tfds_dataset_without_tfds_is_one_error_line(bare, tmp_path):
     p = run_bare(bare, ["-m", "experiments.run", "--dataset=tfds:mnist", "--num_clients=2",
                         "--rounds=1", f"--workdir={tmp_path / 'run'}"], timeout=300)
@@ -128,9 +124,10 @@ def test_tfds_dataset_without_tfds_is_one_error_line(bare, tmp_path):
     assert err[0].startswith("error: ") and "tensorflow-datasets" in err[0], err
 
 
+@pytest.mark.slow  # starts processes
 def test_gpu_check_smoke_section_runs_bare(bare, tmp_path):
     """One section of `gpu_check --smoke` in its own process (as on a GPU machine)."""
-    p = run_bare(bare, ["-m", "experiments.gpu_check", f"--out_dir={tmp_path}", "--smoke",
+    p = run_bare(bare, ["-m", "experiments.bench.gpu_check", f"--out_dir={tmp_path}", "--smoke",
                         "--gpu_sections=capacity"])
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -140,35 +137,3 @@ def test_gpu_check_smoke_section_runs_bare(bare, tmp_path):
     assert (tmp_path / "gpu_check_logs" / "capacity.json").exists() and (tmp_path / "gpu_check.md").exists()
     # it really ran without them (the section's process reports what it could import)
     assert report["environment"]["optional_modules"] == {name: False for name in BLOCKED}
-
-
-def test_metrics_writer_without_tensorboardx(tmp_path, monkeypatch, capsys):
-    """In-process: with tensorboardX missing, one warning line; a resumed run's events are left
-    as they were (not truncated, nothing added); metrics.jsonl/csv are written as always."""
-    pytest.importorskip("tensorboardX")   # to write the first run's events
-    from pfedla_jax.training import workdir as wd
-
-    first = wd.MetricsWriter(str(tmp_path), tensorboard=True)
-    for r in (1, 2):
-        first.round_scalars(r, {"train_loss": 1.0 / r})
-        first.evaluation({"round": r, "test_acc": 0.5 + r / 10})
-    first.close()
-    events = {n: (tmp_path / "tb" / n).read_bytes() for n in wd.event_files(str(tmp_path / "tb"))}
-    assert len(events) == 1
-    capsys.readouterr()
-
-    monkeypatch.setattr(wd, "tensorboardx_available", lambda: False)
-    monkeypatch.setattr(wd, "_warned", set())
-    resumed = wd.MetricsWriter(str(tmp_path), keep=lambda r: r <= 1, resume_round=1, tensorboard=True)
-    resumed.round_scalars(2, {"train_loss": 0.4})
-    resumed.evaluation({"round": 2, "test_acc": 0.8})
-    resumed.close()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [wd.TENSORBOARDX_MISSING + f"; the events already in {tmp_path / 'tb'} are left as they were"]
-    assert {n: (tmp_path / "tb" / n).read_bytes() for n in wd.event_files(str(tmp_path / "tb"))} == events
-    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows == [{"round": 1, "test_acc": 0.6}, {"round": 2, "test_acc": 0.8}]
-    # a fresh writer in the same process does not warn again
-    (tmp_path / "other").mkdir()
-    wd.MetricsWriter(str(tmp_path / "other"), tensorboard=True).close()
-    assert capsys.readouterr().err == ""

@@ -1,10 +1,14 @@
-"""Cohort sizes on every algorithm finish under `shard` and equal `loop` (issue 13 §1).
+"""Cohort sizes on every algorithm finish under `shard` and equal `loop`.
 
-The old engine could deadlock (an all-gather that never completed) when a round's cohort did
-not divide over the host devices: a client-sharded array was padded, sliced and then mixed
-eagerly with unsharded arrays. A round is now one jitted program; this test runs cohorts of
-every size from 1 to 2 x devices + 1 through several rounds of each registered algorithm,
-on the sharded path and on the single-device loop, and compares the states and metrics.
+A round is one jitted program, compiled per cohort size S (the participants' ids are an
+argument of shape [S]). The sharded path pads a cohort that does not divide over the host
+devices, slices it and mixes client-sharded with replicated arrays; an earlier engine that
+did this eagerly could deadlock (an all-gather that never completed). This test runs cohorts
+of sizes from 1 to 2 x devices + 1 through several rounds of each registered algorithm, on
+the sharded path and on the single-device loop, and compares the states and metrics.
+
+Every case compiles a round program per cohort size and an evaluation program, on each path:
+slow.
 """
 
 import jax
@@ -13,19 +17,30 @@ import pytest
 
 from pfedla_jax.algorithms import algorithm_names
 from pfedla_jax.core.local_training import LocalTrainConfig
+from pfedla_jax.errors import UserInputError
 from pfedla_jax.training.config import ExperimentConfig, RunOptions
 from pfedla_jax.training.loop import build_experiment, evaluate_round
 
 
-def _rounds(algorithm: str, strategy: str, cohorts):
+# local training: 3 steps; for an algorithm whose options count in epochs (FedRep splits them
+# into head and body epochs), 2 epochs: 40 examples x 70% / 8 = 4 steps each
+STEPS = LocalTrainConfig(batch_size=8, local_steps=3, lr=0.02)
+EPOCHS = LocalTrainConfig(batch_size=8, local_epochs=2, lr=0.02)
+
+
+def _config(algorithm: str, rounds: int) -> ExperimentConfig:
     devices = jax.device_count()
-    config = ExperimentConfig(
-        algorithm=algorithm, dataset="synthetic", synthetic_per_class=30,
-        num_clients=2 * devices + 1, samples_per_client=40, rounds=len(cohorts),
-        partition="noniid1", classes_per_client=4, seed=5,
-        # FedRep splits local epochs (head, then body): 40 examples x 70% / 8 = 4 steps each
-        train=(LocalTrainConfig(batch_size=8, local_epochs=2, lr=0.02) if algorithm == "fedrep"
-               else LocalTrainConfig(batch_size=8, local_steps=3, lr=0.02)))
+    common = dict(algorithm=algorithm, dataset="synthetic", synthetic_per_class=30,
+                  num_clients=2 * devices + 1, samples_per_client=40, rounds=rounds,
+                  partition="noniid1", classes_per_client=4, seed=5)
+    try:
+        return ExperimentConfig(**common, train=STEPS)
+    except UserInputError:
+        return ExperimentConfig(**common, train=EPOCHS)
+
+
+def _rounds(algorithm: str, strategy: str, cohorts):
+    config = _config(algorithm, len(cohorts))
     exp = build_experiment(config, RunOptions(client_parallelism=strategy))
     algo = exp.algorithm
     state = algo.init(exp.keys.init)
@@ -38,6 +53,7 @@ def _rounds(algorithm: str, strategy: str, cohorts):
     return jax.device_get(state), infos, record, exp.context.num_stored
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", algorithm_names())
 def test_every_cohort_size_under_shard_equals_loop(algorithm):
     devices = jax.device_count()
@@ -45,10 +61,9 @@ def test_every_cohort_size_under_shard_equals_loop(algorithm):
     n = 2 * devices + 1
     rng = np.random.default_rng(0)
     # sizes 1..2D+1, each a random subset (sorted, as the participation schedule draws them).
-    # Every size compiles its own round, so the algorithms added on the same engine paths
-    # after issue 13 run the sizes that do not divide over the devices (1, D+1, 2D+1: where
-    # the padding and the split happen) and pFedLA (whose server step mixes every pair of
-    # clients of the cohort) runs them all.
+    # Every size compiles its own round, so most algorithms run the sizes that do not divide
+    # over the devices (1, D+1, 2D+1: where the padding and the split happen) and pFedLA
+    # (whose server step mixes every pair of clients of the cohort) runs them all.
     sizes = range(1, n + 1) if algorithm == "pfedla" else range(1, n + 1, 2)
     cohorts = [np.sort(rng.choice(n, size, replace=False)) for size in sizes]
     shard_state, shard_infos, shard_record, stored = _rounds(algorithm, "shard", cohorts)

@@ -46,6 +46,7 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_bn,name", [(False, "synthetic"), (True, "synthetic_rgb")])
 def test_vmap_loop_shard_agree(use_bn, name):
     ds = synthetic(name)
@@ -65,6 +66,7 @@ def test_vmap_loop_shard_agree(use_bn, name):
     assert min(float(m) for m in jax.tree.leaves(moved)) > 0
 
 
+@pytest.mark.slow
 def test_shard_with_fewer_clients_than_devices(gray):
     ds, store = gray
     model = make_cnn(ds.input_shape, ds.num_classes)
@@ -76,6 +78,7 @@ def test_shard_with_fewer_clients_than_devices(gray):
     _assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_matches_naive_python_sgd(gray):
     """The scan with masks equals a plain loop over the client's shuffled minibatches."""
     ds, store = gray
@@ -91,6 +94,9 @@ def test_matches_naive_python_sgd(gray):
     key = jax.random.fold_in(KEY, cid)
     own = np.asarray(store.train_idx[cid])
     losses = []
+    # one plain SGD step's loss and gradient (jitted: two programs, batch 16 and 1)
+    value_and_grad = jax.jit(jax.value_and_grad(
+        lambda q, x, y: optax_ce(model.apply({"params": q}, x, train=True), y)))
     for e in range(2):
         u = np.asarray(jax.random.uniform(jax.random.fold_in(key, e), (max_train,)))
         order = np.argsort(np.where(np.arange(max_train) < n, u, 2.0), kind="stable")[:n]
@@ -98,12 +104,7 @@ def test_matches_naive_python_sgd(gray):
             idx = own[order[b:b + 16]]
             x = normalize_images(store.images[idx], store.mean, store.std)
             y = store.labels[idx]
-
-            def loss(q):
-                logits = model.apply({"params": q}, x, train=True)
-                return optax_ce(logits, y)
-
-            val, g = jax.value_and_grad(loss)(p)
+            val, g = value_and_grad(p, x, y)
             losses.append(float(val) * len(idx))
             p = jax.tree.map(lambda w, gw: w - 0.05 * gw, p, g)
     _assert_trees_close(jax.tree.map(lambda a: a[0], got), p, rtol=1e-4, atol=1e-5)
@@ -116,6 +117,7 @@ def optax_ce(logits, y):
     return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
 
+@pytest.mark.slow
 def test_padding_steps_change_nothing(gray):
     """A small client trained beside a big one equals the same client trained alone."""
     ds, store = gray
@@ -135,6 +137,7 @@ def test_padding_steps_change_nothing(gray):
     _assert_trees_close(jax.tree.map(lambda a: a[:1], together[0]), alone[0], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_fixed_steps_and_determinism(gray):
     ds, store = gray
     model = make_cnn(ds.input_shape, ds.num_classes)
@@ -155,6 +158,7 @@ def test_fixed_steps_and_determinism(gray):
     assert not np.array_equal(np.asarray(jax.tree.leaves(a[0])[0]), np.asarray(jax.tree.leaves(c[0])[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
 def test_no_retrace_across_rounds(gray, strategy):
     ds, store = gray

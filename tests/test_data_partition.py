@@ -1,4 +1,5 @@
-"""Tests for pfedla_jax.data.partition."""
+"""Tests for pfedla_jax.data.partition: every scheme through make_partition /
+max_samples_per_client (the registry itself: test_partition_registry.py)."""
 
 import math
 import re
@@ -376,9 +377,9 @@ def test_fig5_largest_size_and_bad_requests():
 
 
 # ----------------------------------------------------------------------------- sizes vs the 70/30 split
-# Issue 13, fault 2: automatic sizes, smallest sizes and the advice in messages must
-# account for the per-client split (every client >= 1 train and >= 1 test example; in
-# the k-class schemes every class of a client in both splits).
+# Automatic sizes, smallest sizes and the advice in messages must account for the
+# per-client split (every client >= 1 train and >= 1 test example; in the k-class schemes
+# every class of a client in both splits).
 
 LAB600 = _labels(600)  # The pool of --dataset=synthetic (600 per class).
 
@@ -390,9 +391,9 @@ def _advised(msg):
 
 @pytest.mark.parametrize("scheme", ["noniid1", "adjacent"])
 def test_k_class_no_size_without_test_examples(scheme):
-    # Issue 13's first command: 1000 clients x 4 classes on 10 x 600 examples. Each class
-    # is used by 400 clients: 1 example each, none left for test. Formerly S = 4 ("the
-    # largest the data allows") with 0 test examples per client.
+    # 1000 clients x 4 classes on 10 x 600 examples. Each class is used by 400 clients:
+    # 1 example each, none left for test. Formerly S = 4 ("the largest the data allows")
+    # with 0 test examples per client.
     msg = (rf"{scheme}: 1000 clients x 4 classes use class \d for 400 clients but only 600 "
            r"examples exist, fewer than 2 per client \(one train and one test example\); no "
            r"samples_per_client is feasible; use num_clients <= 750 or classes_per_client <= 3$")
@@ -495,9 +496,9 @@ def test_noniid2_too_small_advises_an_accepted_size():
 
 @pytest.mark.parametrize("min_client_size", [0, 1])
 def test_dirichlet_small_minimum_still_gives_every_client_test_data(min_client_size):
-    # Issue 13's second command: 500 clients on 6000 examples with min_client_size=1 left
-    # 19 clients without a test example. Minimums below 2 act as 2, and a client whose
-    # classes are all single examples is split as a whole.
+    # 500 clients on 6000 examples with min_client_size=1 formerly left 19 clients without
+    # a test example. Minimums below 2 act as 2, and a client whose classes are all single
+    # examples is split as a whole.
     p = make_partition(LAB600, 10, 500, "dirichlet", min_client_size=min_client_size, seed=0)
     hist = check_partition(p, LAB600, 500)
     assert hist.sum() == LAB600.size  # Still the whole pool.

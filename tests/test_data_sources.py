@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import io
 import os
 import socket
 import subprocess
@@ -11,9 +12,12 @@ import time
 import numpy as np
 import pytest
 
+from pfedla_jax.core.local_training import LocalTrainConfig
 from pfedla_jax.data import SCHEMES, make_partition, sources
 from pfedla_jax.data.sources import load_dataset, synthetic_templates
 from pfedla_jax.errors import UserInputError
+from pfedla_jax.training.config import ExperimentConfig, RunOptions
+from pfedla_jax.training.loop import run_experiment
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = [
@@ -54,8 +58,6 @@ def _copy_dir(tmp_path, rewrite=None):
 
 def _regzip(payload, mtime=1234567890, fname="something-else"):
     """gzip with another header (file name, mtime) than Debian's, same payload."""
-    import io
-
     buf = io.BytesIO()
     with gzip.GzipFile(filename=fname, mode="wb", fileobj=buf, mtime=mtime, compresslevel=1) as f:
         f.write(payload)
@@ -273,7 +275,7 @@ def _mock_sources(labels_per_split, shape=(28, 28, 1)):
     return as_data_source
 
 
-# Issue 13, fault 3: TFDS emnist/letters declares 37 classes, its labels are 1..26.
+# TFDS emnist/letters declares 37 classes; its labels are 1..26.
 LETTERS = np.tile(np.arange(1, 27), 60)  # 60 examples of each of labels 1..26, per split
 
 
@@ -347,18 +349,16 @@ def test_tfds_not_prepared_fails_fast(no_network, tmp_path, monkeypatch):
         load_dataset("tfds:emnist/bogus", str(tmp_path))
 
 
+@pytest.mark.slow  # starts a process
 def test_tfds_imported_lazily():
     code = ("import sys, pfedla_jax.data as d; d.load_dataset('synthetic', synthetic_per_class=1);"
             " assert 'tensorflow_datasets' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@pytest.mark.slow  # trains (one round)
 def test_class_map_reaches_the_summary(no_network, tmp_path):
-    import tensorflow_datasets as tfds
-
-    from pfedla_jax.core.local_training import LocalTrainConfig
-    from pfedla_jax.training.config import ExperimentConfig, RunOptions
-    from pfedla_jax.training.loop import run_experiment
+    import tensorflow_datasets as tfds  # optional dependency
 
     cfg = ExperimentConfig(algorithm="local", dataset="tfds:emnist/letters", num_clients=4,
                            rounds=1, train=LocalTrainConfig(batch_size=16, local_steps=1))

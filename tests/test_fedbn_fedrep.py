@@ -1,4 +1,4 @@
-"""The trainable mask (one per phase of the local epochs), FedBN and FedRep (issue 15).
+"""The trainable mask (one per phase of the local epochs), FedBN and FedRep.
 
 Oracles: a numpy momentum-SGD for the gated optimizer; FedAvg itself for FedBN on a model
 without BN; an explicit per-client train-then-average for FedBN's BN split; a naive
@@ -12,7 +12,10 @@ import numpy as np
 import optax
 import pytest
 
-from pfedla_jax.algorithms import FedAvg, FedBN, FedBNConfig, FedRep, FedRepConfig, FLContext
+from pfedla_jax.algorithms import FLContext
+from pfedla_jax.algorithms.fedavg import FedAvg
+from pfedla_jax.algorithms.fedbn import FedBN, FedBNConfig
+from pfedla_jax.algorithms.fedrep import FedRep, FedRepConfig
 from pfedla_jax.core.client_update import PhaseMasks, masked_optimizer, sgd_update
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.data.store import normalize_images
@@ -64,6 +67,7 @@ def gray():
     return ds, store
 
 
+@pytest.mark.slow
 def test_phase_masks_in_the_trainer_every_strategy(gray):
     """Head epoch, then body epoch, with momentum: vmap = loop = shard; the head is
     bit-identical to a head-only run of the first epoch (frozen in phase 1), the body
@@ -116,6 +120,7 @@ def test_batchnorm_layers_found_by_type():
     assert batchnorm_layers(make_cnn((28, 28, 1), 10), (28, 28, 1)) == ()
 
 
+@pytest.mark.slow
 def test_fedbn_is_fedavg_bit_for_bit_without_bn(gray):
     ds, store = gray
     ctx = _ctx(ds, store, LocalTrainConfig(batch_size=16, local_steps=3, lr=0.05))
@@ -131,6 +136,7 @@ def test_fedbn_is_fedavg_bit_for_bit_without_bn(gray):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_fedbn_keeps_every_bn_tensor_local(gray):
     """CIFAR-shaped model with BN, 2 rounds: after round 2, each participant's BN scale/bias
     and running statistics are what it trained (from the global non-BN params and its own
@@ -204,6 +210,7 @@ def _naive_fedrep_client(model, store, params, stats, cid, idx, mask, head_epoch
     return params, stats
 
 
+@pytest.mark.slow
 def test_fedrep_round_equals_a_naive_per_client_loop(gray):
     ds, store = gray
     cfg = LocalTrainConfig(batch_size=16, local_epochs=3, lr=0.05)
@@ -246,7 +253,7 @@ def test_fedrep_round_equals_a_naive_per_client_loop(gray):
 
 def test_fedrep_without_head_epochs_never_moves_a_head(gray):
     """body_epochs = local_epochs: no head phase, every head bit-identical (FedAvg of the
-    body under a frozen head, the digest's reduction check)."""
+    body under a frozen head: FedRep reduces to FedAvg of the body)."""
     ds, store = gray
     ctx = _ctx(ds, store, LocalTrainConfig(batch_size=16, local_epochs=1, lr=0.05))
     algo = FedRep(ctx, FedRepConfig(body_epochs=1))
@@ -259,18 +266,21 @@ def test_fedrep_without_head_epochs_never_moves_a_head(gray):
                               np.asarray(algo.init(jax.random.PRNGKey(0))["client_params"]["FC2"]["kernel"][0]))
 
 
-@pytest.mark.parametrize("config,train,pattern", [
-    (FedRepConfig(head="FC9"), LocalTrainConfig(local_epochs=2), "unknown layer 'FC9'"),
-    (FedRepConfig(head=" , "), LocalTrainConfig(local_epochs=2), "names no layer"),
-    (FedRepConfig(body_epochs=0), LocalTrainConfig(local_epochs=2), "body_epochs must be >= 1"),
-    (FedRepConfig(body_epochs=3), LocalTrainConfig(local_epochs=2), "does not fit"),
-    (FedRepConfig(), LocalTrainConfig(local_steps=5), "local_epochs"),
-    (FedBNConfig(weighting="median"), LocalTrainConfig(), "fedbn_weighting"),
+@pytest.mark.parametrize("name,options,train,pattern", [
+    ("fedrep", dict(head="FC9"), dict(local_epochs=2), "unknown layer 'FC9'"),
+    ("fedrep", dict(head=" , "), dict(local_epochs=2), "names no layer"),
+    ("fedrep", dict(body_epochs=0), dict(local_epochs=2), "body_epochs must be >= 1"),
+    ("fedrep", dict(body_epochs=3), dict(local_epochs=2), "does not fit"),
+    ("fedrep", dict(), dict(local_steps=5), "local_epochs"),
+    ("fedbn", dict(weighting="median"), dict(), "fedbn_weighting"),
 ])
-def test_bad_options_are_refused_before_data(config, train, pattern):
-    name = "fedrep" if isinstance(config, FedRepConfig) else "fedbn"
+def test_bad_options_are_refused_before_data(name, options, train, pattern):
+    """Refused where the configs are built: the algorithm's own options by its config, their
+    fit with the local training by the ExperimentConfig that pairs them."""
+    config_class = FedRepConfig if name == "fedrep" else FedBNConfig
     with pytest.raises(UserInputError, match=pattern):
-        ExperimentConfig(algorithm=name, algorithm_config=config, train=train).validate()
+        ExperimentConfig(algorithm=name, algorithm_config=config_class(**options),
+                         train=LocalTrainConfig(**train))
 
 
 def test_fedrep_head_must_exist_and_leave_a_body(gray):

@@ -1,4 +1,4 @@
-"""FedFomo (issue 16): the weights and update on the digest's hand example, the selection,
+"""FedFomo: the weights and update on a hand-worked example, the selection,
 the validation split, the batched [S, M] candidate losses against a Python loop, a round
 against a naive per-client loop (numpy weights, model.apply, jax.grad SGD), vmap = loop =
 shard without retrace, and bad input (config, data, CLI).
@@ -41,7 +41,7 @@ COHORTS = ([0, 1, 2], [3, 0, 2], [1, 2, 3])
 
 # ---------------------------------------------------------------------------- pure maths
 def test_hand_example_weights_and_update():
-    """Digest §5.7: L_0(theta) = (theta - 1)^2, theta_0 = 0, candidates {2, -1, 0.5, 1.5}:
+    """By hand: L_0(theta) = (theta - 1)^2, theta_0 = 0, candidates {2, -1, 0.5, 1.5}:
     w = {0, -3, 1.5, 0.5}, wbar = {0, 0, 0.75, 0.25}, theta_0' = 0.75."""
     theta = {"w": jnp.zeros(())}
     cands = {"w": jnp.array([2.0, -1.0, 0.5, 1.5])}
@@ -152,6 +152,7 @@ def runs(data):
     return out
 
 
+@pytest.mark.slow
 def test_validation_split_is_a_partition_of_each_train_split(runs, data):
     _, store = data
     algo, states, _ = runs["loop"]
@@ -238,6 +239,7 @@ def _naive_train(algo, store, plans, params, stats, cid, key):
     return params, stats
 
 
+@pytest.mark.slow
 def test_round_equals_a_naive_per_client_loop(runs, data):
     """Round 1 (participants 3, 0, 2; client 3 has not uploaded yet): candidates (uploaded
     first, then by P), candidate losses, distances, weights, the mix, local SGD on D_i^trn,
@@ -277,6 +279,7 @@ def test_round_equals_a_naive_per_client_loop(runs, data):
     np.testing.assert_array_equal(infos[1]["bytes_up"], [model + 8] * 3)
 
 
+@pytest.mark.slow
 def test_round_zero_only_trains(runs):
     """Nothing uploaded at round 0: no model is sent, P stays 0, theta_i is not mixed."""
     algo, states, infos = runs["loop"]
@@ -289,6 +292,7 @@ def test_round_zero_only_trains(runs):
     assert evaluation.arrays["affinity"].shape == (4, 4)
 
 
+@pytest.mark.slow
 def test_batched_candidate_losses_equal_a_loop(runs, data):
     """`score` ([S, M' + 1] losses from one batched evaluation) against model.apply per
     (participant, model), with the non-default options: self as candidate 0, the
@@ -316,6 +320,7 @@ def test_batched_candidate_losses_equal_a_loop(runs, data):
         assert dist[0] > 0 and (w[0] > 0) == (losses[1] < losses[0])
 
 
+@pytest.mark.slow
 def test_strategies_agree(runs):
     """vmap = loop = shard for every round (states and metrics); one trace each (fixture)."""
     _, loop_states, loop_infos = runs["loop"]
@@ -334,24 +339,25 @@ def test_strategies_agree(runs):
 
 
 # ---------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("config,pattern", [
-    (FedFomoConfig(val_fraction=0.0), "val_fraction"),
-    (FedFomoConfig(val_fraction=1.0), "val_fraction"),
-    (FedFomoConfig(num_candidates=-1), "num_candidates"),
-    (FedFomoConfig(epsilon=1.5), "epsilon"),
-    (FedFomoConfig(epsilon_decay=-0.1), "epsilon_decay"),
-    (FedFomoConfig(denom_eps=float("nan")), "denom_eps"),
-    (FedFomoConfig(norm="linf"), "fedfomo_norm"),
-    (FedFomoConfig(baseline="best"), "fedfomo_baseline"),
-    (FedFomoConfig(candidate_stats="mixed"), "fedfomo_candidate_stats"),
+@pytest.mark.parametrize("options,pattern", [
+    (dict(val_fraction=0.0), "val_fraction"),
+    (dict(val_fraction=1.0), "val_fraction"),
+    (dict(num_candidates=-1), "num_candidates"),
+    (dict(epsilon=1.5), "epsilon"),
+    (dict(epsilon_decay=-0.1), "epsilon_decay"),
+    (dict(denom_eps=float("nan")), "denom_eps"),
+    (dict(norm="linf"), "fedfomo_norm"),
+    (dict(baseline="best"), "fedfomo_baseline"),
+    (dict(candidate_stats="mixed"), "fedfomo_candidate_stats"),
 ])
-def test_bad_options_are_refused_before_data(config, pattern):
+def test_bad_options_are_refused_before_data(options, pattern):
+    """Refused when the config is built (before any ExperimentConfig or data)."""
     with pytest.raises(UserInputError, match=pattern):
-        ExperimentConfig(algorithm="fedfomo", algorithm_config=config).validate()
+        ExperimentConfig(algorithm="fedfomo", algorithm_config=FedFomoConfig(**options))
 
 
-def test_bad_options_that_need_the_data(data, runs):
-    ctx = runs["loop"][0].ctx
+def test_bad_options_that_need_the_data(data):
+    ctx = _ctx(*data)
     counts = np.asarray(data[1].train_count)
     with pytest.raises(UserInputError, match="exceeds the N - 1 = 3"):
         FedFomo(ctx, FedFomoConfig(num_candidates=4))
@@ -361,6 +367,7 @@ def test_bad_options_that_need_the_data(data, runs):
         FedFomo(ctx, FedFomoConfig(val_fraction=0.4 / counts.max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,pattern", [
     (["--fedfomo_num_candidates=4"], "num_candidates=4 exceeds"),
     (["--fedfomo_val_fraction=0.999"], "no training example"),

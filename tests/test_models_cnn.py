@@ -91,6 +91,7 @@ def test_parameter_counts_and_layers(shape, num_classes, expected_bn, count):
     assert logits.shape == (2, num_classes)
 
 
+@pytest.mark.slow
 def test_init_follows_pytorch_default_bounds():
     variables = init(CIFAR, seed=1)
     p = variables["params"]
@@ -151,7 +152,7 @@ def test_smaller_valid_shapes_work():
 # ----------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("shape", [FMNIST, CIFAR])
+@pytest.mark.parametrize("shape", [FMNIST, pytest.param(CIFAR, marks=pytest.mark.slow)])
 def test_sgd_step_custom_conv_matches_reference(shape):
     x, y = batch(shape, 8, seed=2)
     mask = jnp.ones(8)
@@ -167,6 +168,7 @@ def test_sgd_step_custom_conv_matches_reference(shape):
     assert_close_tree(stats_c, stats_r)
 
 
+@pytest.mark.slow
 def test_vmap_over_clients_matches_per_client():
     model = models.make_cnn(CIFAR, 10)
     per_client = [init(CIFAR, seed) for seed in (4, 5)]
@@ -180,6 +182,7 @@ def test_vmap_over_clients_matches_per_client():
         assert_close_tree(jax.tree.map(lambda a: a[i], vmapped), single, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_padding_mask_through_the_model():
     # Padded examples change neither real examples' logits, the BN stats, nor the gradients
     # of a masked loss: same as running the real examples alone.

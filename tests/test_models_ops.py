@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from jax import lax
 
+from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import ops
+from pfedla_jax.models.cnn import BatchNorm
 
 RTOL = 1e-5
 COUT = 8
@@ -343,8 +345,6 @@ def test_batch_norm_bool_mask_and_bad_impl():
     assert_close_tree(as_bool, ops.batch_norm_train(x, scale, bias, m, 1e-5))
     grad = jax.grad(lambda x: ops.batch_norm_train(x, scale, bias, m > 0, 1e-5)[0].sum() ** 2)(x)
     assert np.isfinite(grad).all()
-    from pfedla_jax.errors import UserInputError
-    from pfedla_jax.models.cnn import BatchNorm
     with pytest.raises(UserInputError, match="BatchNorm impl"):
         BatchNorm(impl="bogus").init(jax.random.key(0), x, train=True)
 

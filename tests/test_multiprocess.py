@@ -1,22 +1,37 @@
 """One run over several processes (JAX's distributed runtime) = one process with as many devices.
 
-Every test starts real processes on 127.0.0.1 through `experiments.launch` (or
-`experiments.run` with the multi-process flags) and compares their files with a
+The equality tests start real processes on 127.0.0.1 through `experiments.launch` (or
+`experiments.run` with the multi-process flags) and compare their files with a
 one-process run of the same configuration on the same number of XLA devices: the same
 global mesh, the same programs, so the numbers must be identical (the collectives only
-move or add exact zeros: core/client_parallel.py).
+move or add exact zeros: core/client_parallel.py). Runs that several tests compare are made
+once (module fixtures): the 2-round pFedLA run, launched and in one process, is also the
+start of the resume-with-another-process-count tests. Bad multi-process input is checked in
+process (`experiments.run.main`, `experiments.launch.check_run_flags`) where it is refused
+before any process joins a cluster, and in real processes where the refusal is about joining
+or about the launcher's own flags.
 """
 
 import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
+
+from experiments import launch as launch_tool
+from experiments import run as run_tool
+from pfedla_jax.algorithms import algorithm_class, algorithm_names
+from pfedla_jax.errors import UserInputError
+from pfedla_jax.training.command_line import config_from_argv
+from pfedla_jax.training.config import RunOptions
+from pfedla_jax.training.loop import build_experiment
+from tests.helpers import one_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--dataset=synthetic", "--synthetic_per_class=24", "--num_clients=4", "--local_steps=2",
@@ -82,19 +97,48 @@ def _assert_same_run(a, b, exact=True):
                         np.testing.assert_allclose(fa[k], fb[k], rtol=1e-6, atol=1e-6, err_msg=f"{name}:{k}")
 
 
+# The 2-round pFedLA run with half the clients per round: launched on 2 processes of 1 device
+# and in one process of 2 devices (compared in test_launched_run_equals_one_process), each
+# the start of a resume in test_checkpoint_resumes_with_another_process_count.
+PFEDLA_HALF = COMMON + ["--algorithm=pfedla", "--participation=0.5"]
+
+
+@pytest.fixture(scope="module")
+def pfedla_two_rounds(tmp_path_factory):
+    """{'mp': launched workdir, 'one': one-process workdir, 'stdout': the launcher's output}."""
+    base = tmp_path_factory.mktemp("pfedla_two_rounds")
+    mp, one = str(base / "mp"), str(base / "one")
+    out = _ok(_launch(2, 1, PFEDLA_HALF + ["--rounds=2", f"--workdir={mp}"]))
+    _ok(_single(2, PFEDLA_HALF + ["--rounds=2", f"--workdir={one}"]))
+    return {"mp": mp, "one": one, "stdout": out.stdout}
+
+
+@pytest.fixture(scope="module")
+def pfedla_four_rounds(tmp_path_factory):
+    """The uninterrupted 4-round run (one process, 2 devices) the resumed runs must equal."""
+    one = str(tmp_path_factory.mktemp("pfedla_four_rounds") / "one")
+    _ok(_single(2, PFEDLA_HALF + ["--rounds=4", f"--workdir={one}"]))
+    return one
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm,processes,devices", [
     ("pfedla", 2, 1), ("fedavg", 2, 1), ("pfedla", 2, 2), ("fedavg", 2, 2)])
-def test_launched_run_equals_one_process(tmp_path, algorithm, processes, devices):
+def test_launched_run_equals_one_process(tmp_path, request, algorithm, processes, devices):
     flags = COMMON + [f"--algorithm={algorithm}", "--rounds=2", "--participation=0.5"]
     if devices == 2:
         # 6 clients on 4 devices: the state is padded to 8 rows (process 1 holds the padding),
         # the cohorts of 3 to 4
         flags += ["--num_clients=6"]
-    mp, one = str(tmp_path / "mp"), str(tmp_path / "one")
-    out = _ok(_launch(processes, devices, flags + [f"--workdir={mp}"]))
-    assert f"{algorithm}: final test_acc" in out.stdout  # process 0 reports, once
-    assert out.stdout.count("final test_acc") == 1
-    _ok(_single(processes * devices, flags + [f"--workdir={one}"]))
+    if (algorithm, processes, devices) == ("pfedla", 2, 1):  # the shared runs (same flags)
+        runs = request.getfixturevalue("pfedla_two_rounds")
+        mp, one, stdout = runs["mp"], runs["one"], runs["stdout"]
+    else:
+        mp, one = str(tmp_path / "mp"), str(tmp_path / "one")
+        stdout = _ok(_launch(processes, devices, flags + [f"--workdir={mp}"])).stdout
+        _ok(_single(processes * devices, flags + [f"--workdir={one}"]))
+    assert f"{algorithm}: final test_acc" in stdout  # process 0 reports, once
+    assert stdout.count("final test_acc") == 1
     # On 2 devices every cross-device sum has 2 terms (a + b = b + a): bitwise equal. On 4,
     # a sum that XLA splits over the devices adds 4 partial sums, and Gloo's all-reduce
     # (several processes) adds them in another order than XLA:CPU's in-process one:
@@ -107,25 +151,46 @@ def test_launched_run_equals_one_process(tmp_path, algorithm, processes, devices
     assert sorted(os.listdir(os.path.join(mp, "launch"))) == [f"process_{i}.log" for i in range(processes)]
 
 
-# pFedHN (a replicated server hypernetwork), FedFomo (replicated N x N affinity, exported
-# through a host read) and pFedMe (two per-client models) in every run; the FedAvg-like ones
-# (their state is FedAvg's entries) with PFEDLA_FULL_MULTIPROCESS=1 (BUILD_NOTES §11: all
-# passed when last run so).
+# Every registered algorithm but the two above runs over two processes. By default those
+# whose state has an entry FedAvg's has not, or that export arrays (e.g. pFedHN's replicated
+# server hypernetwork, FedFomo's replicated N x N affinity exported through a host read,
+# pFedMe's second per-client model); with PFEDLA_FULL_MULTIPROCESS=1 also those whose state
+# is FedAvg's entries (tested above: Local, Per-FedAvg, FedRep, FedBN; all passed when last
+# run so, BUILD_NOTES (multi-process runs)).
+LAUNCHED_ABOVE = ("pfedla", "fedavg")
 _FULL = os.environ.get("PFEDLA_FULL_MULTIPROCESS") == "1"
-_FEDAVG_LIKE = pytest.mark.skipif(not _FULL, reason="FedAvg's state entries (tested above); "
-                                  "PFEDLA_FULL_MULTIPROCESS=1 runs it")
 
 
-@pytest.mark.parametrize("algorithm", [
-    "pfedhn", "fedfomo", "pfedme", pytest.param("local", marks=_FEDAVG_LIKE),
-    pytest.param("perfedavg", marks=_FEDAVG_LIKE), pytest.param("fedrep", marks=_FEDAVG_LIKE),
-    pytest.param("fedbn", marks=_FEDAVG_LIKE)])
-def test_every_algorithm_runs_over_two_processes(tmp_path, algorithm):
+def _algorithm_flags(algorithm):
+    """The run's flags: COMMON; the BatchNorm model for an algorithm whose table row needs
+    it (FedBN is FedAvg without BN layers); local epochs instead of steps for an algorithm
+    whose options refuse steps (FedRep splits epochs into head and body epochs)."""
     flags = COMMON + [f"--algorithm={algorithm}", "--rounds=2"]
-    if algorithm == "fedrep":  # head and body epochs: counted in epochs, not steps
-        flags = [f for f in flags if not f.startswith("--local_steps")] + ["--local_epochs=1"]
-    if algorithm == "fedbn":
+    if any(row.needs_batchnorm for row in algorithm_class(algorithm).rows()):
         flags += ["--use_bn=true"]
+    try:
+        config_from_argv(["experiments.run", *flags])
+    except UserInputError:  # e.g. "set --local_epochs (not --local_steps)"; else the run says
+        flags = [f for f in flags if not f.startswith("--local_steps")] + ["--local_epochs=1"]
+    return flags
+
+
+def _state_entries(algorithm):
+    """The entries of the algorithm's state (shapes only: nothing is computed)."""
+    command = config_from_argv(["experiments.run", *_algorithm_flags(algorithm)])
+    exp = build_experiment(command.config, RunOptions(client_parallelism="loop"))
+    return set(jax.eval_shape(exp.algorithm.init_state, jax.random.key(0)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", [a for a in algorithm_names() if a not in LAUNCHED_ABOVE])
+def test_every_algorithm_runs_over_two_processes(tmp_path, algorithm):
+    fedavg_like = (_state_entries(algorithm) <= _state_entries("fedavg")
+                   and algorithm_class(algorithm).export_name is None)
+    if fedavg_like and not _FULL:
+        pytest.skip("its state is FedAvg's entries (tested by test_launched_run_equals_one_process); "
+                    "PFEDLA_FULL_MULTIPROCESS=1 runs it")
+    flags = _algorithm_flags(algorithm)
     mp, one = str(tmp_path / "mp"), str(tmp_path / "one")
     _ok(_launch(2, 1, flags + [f"--workdir={mp}"]))
     _ok(_single(2, flags + [f"--workdir={one}"]))
@@ -156,6 +221,7 @@ def _rows(workdir):
         return 0
 
 
+@pytest.mark.slow
 def test_killed_worker_is_one_error_line_and_the_rerun_resumes(tmp_path):
     workdir = str(tmp_path / "mp")
     flags = COMMON + ["--algorithm=pfedla", "--rounds=16", "--checkpoint_every=2", f"--workdir={workdir}"]
@@ -190,22 +256,19 @@ def test_killed_worker_is_one_error_line_and_the_rerun_resumes(tmp_path):
     _assert_same_run(workdir, one)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", ["two_processes", "one_process"])
-def test_checkpoint_resumes_with_another_process_count(tmp_path, first):
+def test_checkpoint_resumes_with_another_process_count(tmp_path, first, pfedla_two_rounds,
+                                                       pfedla_four_rounds):
     """A checkpoint written by 2 processes resumes in 1 (and vice versa): the extended run's
-    files equal one uninterrupted run's."""
-    flags = COMMON + ["--algorithm=pfedla", "--participation=0.5"]
-    workdir, one = str(tmp_path / "run"), str(tmp_path / "one")
-    short, full = flags + ["--rounds=2", f"--workdir={workdir}"], flags + ["--rounds=4", f"--workdir={workdir}"]
-    if first == "two_processes":
-        _ok(_launch(2, 1, short))
-        out = _ok(_single(2, full))
-    else:
-        _ok(_single(2, short))
-        out = _ok(_launch(2, 1, full))
+    files equal one uninterrupted run's. The 2-round runs are copies of the shared ones
+    (PFEDLA_HALF --rounds=2, launched or in one process)."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(pfedla_two_rounds["mp" if first == "two_processes" else "one"], workdir)
+    full = PFEDLA_HALF + ["--rounds=4", f"--workdir={workdir}"]
+    out = _ok(_single(2, full)) if first == "two_processes" else _ok(_launch(2, 1, full))
     assert "final test_acc" in out.stdout
-    _ok(_single(2, flags + ["--rounds=4", f"--workdir={one}"]))
-    _assert_same_run(workdir, one)
+    _assert_same_run(workdir, pfedla_four_rounds)
     with open(os.path.join(workdir, "summary.json")) as f:
         assert json.load(f)["resumed_from_round"] == 2
 
@@ -223,6 +286,7 @@ def _one_error_line(proc, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+# refused before the process joins a cluster or touches a device: in process
 @pytest.mark.parametrize("args,fragments", [
     (["--num_processes=2", "--process_id=2", "--coordinator_address=127.0.0.1:1"], ["--process_id must be in 0..1"]),
     (["--num_processes=2", "--process_id=-1", "--coordinator_address=127.0.0.1:1"], ["--process_id"]),
@@ -231,18 +295,31 @@ def _one_error_line(proc, *fragments):
     (["--num_processes=2", "--coordinator_address=nohostport"], ["host:port"]),
     (["--process_id=1"], ["need --num_processes > 1"]),
     (["--num_processes=5", "--process_id=0", "--coordinator_address=127.0.0.1:1"], ["more than the 4 clients per round"]),
-    (["--num_processes=2", "--process_id=1", "--coordinator_address=127.0.0.1:1",
-      "--distributed_timeout_s=2"], ["cannot reach the coordinator 127.0.0.1:1 within 2 s"]),
-    (["--num_processes=auto"], ["cannot join the run"]),  # no cluster manager here
     (["--num_processes=2", "--process_id=0", "--coordinator_address=127.0.0.1:1",
       "--participation=0"], ["--participation"]),  # the config's own error comes first
 ])
-def test_bad_multiprocess_flags_are_one_error_line(args, fragments):
+def test_bad_multiprocess_flags_are_one_error_line(args, fragments, capfd):
+    t0 = time.monotonic()
+    line = one_error_line(run_tool.main, ["experiments.run", *COMMON, "--rounds=1", *args], capfd)
+    for fragment in fragments:
+        assert fragment in line, line
+    assert time.monotonic() - t0 < 30
+
+
+# refused while joining (the process's own deadline, JAX's cluster detection): real processes
+@pytest.mark.slow
+@pytest.mark.parametrize("args,fragments", [
+    (["--num_processes=2", "--process_id=1", "--coordinator_address=127.0.0.1:1",
+      "--distributed_timeout_s=2"], ["cannot reach the coordinator 127.0.0.1:1 within 2 s"]),
+    (["--num_processes=auto"], ["cannot join the run"]),  # no cluster manager here
+])
+def test_a_failed_join_is_one_error_line(args, fragments):
     t0 = time.monotonic()
     _one_error_line(_run_cli(args), *fragments)
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.slow
 def test_launcher_with_one_process_is_a_plain_run(tmp_path):
     out = _ok(_launch(1, 2, COMMON + ["--algorithm=fedavg", "--rounds=1", f"--workdir={tmp_path / 'w'}"]))
     assert "fedavg: final test_acc" in out.stdout
@@ -250,12 +327,10 @@ def test_launcher_with_one_process_is_a_plain_run(tmp_path):
         assert json.load(f)["devices"] == 2
 
 
+@pytest.mark.slow
 def test_a_process_that_never_joins_is_one_error_line_within_the_timeout():
-    # process 0 of 2 alone: nobody else joins (a free port; not experiments.launch's helper:
-    # importing that module here would define its flags beside experiments.run's)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # process 0 of 2 alone: nobody else joins (a free port)
+    port = launch_tool.free_port()
     t0 = time.monotonic()
     proc = _run_cli(["--num_processes=2", "--process_id=0", f"--coordinator_address=127.0.0.1:{port}",
                      "--distributed_timeout_s=3"])
@@ -265,14 +340,28 @@ def test_a_process_that_never_joins_is_one_error_line_within_the_timeout():
     assert len(errors) == 1 and "not every process joined" in errors[0], proc.stderr[-2000:]
 
 
+# the run's flags, checked by the launcher before any process starts: in process
+@pytest.mark.parametrize("run_args,fragments", [
+    (["--host_devices=2"], ["--host_devices is set by experiments.launch"]),
+    (["--process_id=1"], ["--process_id is set by experiments.launch"]),
+    (["--client_parallelism=loop"], ["loop runs on one device"]),
+    (["--rounds=1", "--algorithm=nope"], ["unknown --algorithm 'nope'"]),
+])
+def test_launcher_refuses_bad_run_flags(tmp_path, run_args, fragments, capfd):
+    line = one_error_line(launch_tool.check_run_flags, [*COMMON, *run_args, f"--workdir={tmp_path / 'w'}"],
+                          capfd)
+    for fragment in fragments:
+        assert fragment in line, line
+    assert not (tmp_path / "w").exists()
+
+
+# the launcher's own flags, and a refusal of the started processes that it reports: the program
+@pytest.mark.slow
 @pytest.mark.parametrize("launch_args,run_args,fragments", [
     (["--processes=0"], [], ["--processes must be >= 1"]),
     (["--devices_per_process=0"], [], ["--devices_per_process"]),
-    ([], ["--host_devices=2"], ["--host_devices is set by experiments.launch"]),
-    ([], ["--process_id=1"], ["--process_id is set by experiments.launch"]),
-    ([], ["--client_parallelism=loop"], ["loop runs on one device"]),
     (["--processes=5"], ["--rounds=1"], ["more than the 4 clients per round"]),
-    ([], ["--rounds=1", "--algorithm=nope"], ["unknown --algorithm 'nope'"]),
+    ([], ["--client_parallelism=loop"], ["loop runs on one device"]),
 ])
 def test_launcher_bad_input_is_one_error_line(tmp_path, launch_args, run_args, fragments):
     proc = subprocess.run([sys.executable, "-m", "experiments.launch", *launch_args, "--", *COMMON,

@@ -11,27 +11,25 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from pfedla_jax.data import (dataset_fingerprint, load_dataset, make_partition, partition_record,
-                             read_partition, write_partition)
-from pfedla_jax.data import partition_file
+from experiments import run as run_tool
+from pfedla_jax.core.local_training import LocalTrainConfig
+from pfedla_jax.data import (dataset_fingerprint, load_dataset, make_partition, partition_file,
+                             partition_record, read_partition, scheme_parameters, write_partition)
 from pfedla_jax.errors import UserInputError
+from pfedla_jax.training.loop import (ExperimentConfig, RunOptions, build_experiment, run_experiment,
+                                      start_run)
+from tests.helpers import one_error_line
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = {"round_seconds", "eval_seconds"}
 PER_CLASS = 40  # synthetic: 10 classes x 40 = 400 pooled examples
 N = 3
 
 
 def _config(**kw):
-    from pfedla_jax.core.local_training import LocalTrainConfig
-    from pfedla_jax.training.loop import ExperimentConfig
-
     kw = dict(dict(algorithm="fedavg", dataset="synthetic", synthetic_per_class=PER_CLASS,
                    num_clients=N, classes_per_client=2, rounds=2, eval_every=1, participation=2 / 3,
                    train=LocalTrainConfig(batch_size=16, local_steps=2, lr=0.05)), **kw)
@@ -39,8 +37,6 @@ def _config(**kw):
 
 
 def _run(config, workdir):
-    from pfedla_jax.training.loop import RunOptions, run_experiment
-
     return run_experiment(config, str(workdir), log=lambda s: None,
                           options=RunOptions(checkpoint_every=1, tensorboard=False))
 
@@ -81,6 +77,7 @@ def _dataset(name="synthetic", per_class=PER_CLASS, seed=0):
 # ----------------------------------------------------------------------------- writing
 
 
+@pytest.mark.slow  # two experiment runs (the `first` fixture)
 def test_run_writes_its_partition(first):
     a, _, _ = first
     record = json.loads((a / "partition.json").read_text())
@@ -104,6 +101,28 @@ def test_run_writes_its_partition(first):
     assert not os.path.exists(a / "partition.json.tmp")
 
 
+@pytest.mark.parametrize("scheme,kw,parameters", [
+    ("noniid1", {}, {"classes_per_client": 2, "samples_per_client": None, "train_fraction": 0.7}),
+    ("adjacent", {"samples_per_client": 40},
+     {"classes_per_client": 2, "samples_per_client": 40, "train_fraction": 0.7}),
+    ("noniid2", {"dominant_share": 0.6}, {"dominant_classes": 2, "dominant_share": 0.6,
+                                          "samples_per_client": None, "train_fraction": 0.7}),
+    ("dirichlet", {"min_client_size": 30}, {"dirichlet_alpha": 0.5, "min_client_size": 30,
+                                            "samples_per_client": None, "train_fraction": 0.7}),
+    ("iid", {}, {"samples_per_client": None, "train_fraction": 0.7}),
+])
+def test_experiment_records_its_schemes_parameters(scheme, kw, parameters):
+    # what a run writes to partition.json: the scheme's own parameters, in the file's order
+    record = build_experiment(_config(partition=scheme, **kw)).partition_record
+    assert (record["scheme"], record["seed"], record["source"]) == (scheme, 0, None)
+    assert list(record["parameters"].items()) == list(parameters.items())
+    ds = _dataset()
+    part = make_partition(ds.labels, ds.num_classes, N, scheme, seed=0,
+                          samples_per_client=parameters["samples_per_client"],
+                          **{k: parameters[k] for k in scheme_parameters(scheme)})
+    assert record["clients"] == partition_record(part, ds, {})["clients"]
+
+
 def test_fingerprint_is_cached_per_dataset_and_sees_every_label(monkeypatch):
     ds = _dataset()
     fp = dataset_fingerprint(ds)
@@ -120,6 +139,7 @@ def test_fingerprint_is_cached_per_dataset_and_sees_every_label(monkeypatch):
 # ----------------------------------------------------------------------------- running on a file
 
 
+@pytest.mark.slow  # two experiment runs (the `first` fixture)
 def test_run_on_another_runs_file_gives_its_numbers(first):
     a, b, source = first
     assert _metrics(b) == _metrics(a)
@@ -133,6 +153,7 @@ def test_run_on_another_runs_file_gives_its_numbers(first):
     assert json.loads((a / "summary.json").read_text())["partition_source"] is None
 
 
+@pytest.mark.slow  # start_run builds the algorithm's state (compiles)
 def test_run_on_a_file_of_another_scheme_uses_its_clients(tmp_path):
     ds = _dataset()
     part = make_partition(ds.labels, ds.num_classes, N, "dirichlet", dirichlet_alpha=0.5,
@@ -143,8 +164,6 @@ def test_run_on_a_file_of_another_scheme_uses_its_clients(tmp_path):
                                                           "classes_per_client": 2}))
     # the run's start (its data and workdir) only: its rounds would compile a program for
     # these client sizes, as long as everything else in this file together
-    from pfedla_jax.training.loop import RunOptions, build_experiment, start_run
-
     exp = build_experiment(_config(partition=f"file:{path}"))
     start_run(exp, str(tmp_path / "run"), RunOptions(tensorboard=False)).close()
     store = exp.context.store
@@ -293,26 +312,23 @@ def test_bad_file_is_refused_before_the_workdir_is_touched(tmp_path):
     assert not (tmp_path / "never").exists()
 
 
-def test_cli_bad_file_is_one_line_error(tmp_path):
+def test_cli_bad_file_is_one_line_error(tmp_path, capfd):
+    """experiments.run's main, in process: one `error:` line naming the file, exit 2."""
     record = _record()
     _set(1, "train", 4, 10**6)(record)
     bad = tmp_path / "bad.json"
     write_partition(str(bad), record)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-m", "experiments.run", f"--partition=file:{bad}",
-                        "--dataset=synthetic", f"--synthetic_per_class={PER_CLASS}",
-                        f"--num_clients={N}", "--rounds=1", f"--workdir={tmp_path / 'run'}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1, p.stderr[-2000:]
-    assert err[0].startswith("error: ") and str(bad) in err[0] and "1000000" in err[0], err[0]
+    line = one_error_line(run_tool.main, ["experiments.run", f"--partition=file:{bad}", "--dataset=synthetic",
+                                          f"--synthetic_per_class={PER_CLASS}", f"--num_clients={N}",
+                                          "--rounds=1", f"--workdir={tmp_path / 'run'}"], capfd)
+    assert str(bad) in line and "1000000" in line, line
     assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------- resuming
 
 
+@pytest.mark.slow  # experiment runs (the `first` fixture, then resumes)
 def test_resume_on_another_partition_is_refused(first, tmp_path):
     a, b, source = first
     # 1. the workdir's partition.json no longer matches what the config makes (same sets,

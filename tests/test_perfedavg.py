@@ -1,4 +1,4 @@
-"""Per-FedAvg FO and HF (issue 16): the local step against independent computations.
+"""Per-FedAvg FO and HF: the local step against independent computations.
 
 Oracles: numpy closed forms of the FO / HF meta-step on a linear least-squares model (a
 quadratic loss: gradients A w - b, Hessian A); the central finite difference against the
@@ -6,6 +6,10 @@ exact (reverse-over-reverse) Hessian-vector product on the real CNN, in float64;
 per-client Python loop (model.apply + jax.grad on the unpadded minibatches that
 `ClientTrainer.batch_plan` reports) for a round; one SGD step by hand for the evaluation.
 """
+
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -17,11 +21,12 @@ import pytest
 from pfedla_jax.algorithms import FLContext
 from pfedla_jax.algorithms.perfedavg import (PerFedAvg, PerFedAvgConfig, hessian_vector_product,
                                              perfedavg_update)
-from pfedla_jax.core.client_update import Batch
+from pfedla_jax.core.client_update import Batch, mean_batch_loss
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.data.store import normalize_images
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import init_variables, layer_names, make_cnn
+from pfedla_jax.training.command_line import config_from_argv
 from pfedla_jax.training.config import ExperimentConfig
 from tests.helpers import small_store
 
@@ -91,6 +96,7 @@ def test_meta_step_equals_the_closed_form_on_a_quadratic(variant, hessian):
         assert set(out) == {"params", "batch_stats"}
 
 
+@pytest.mark.slow
 def test_exact_hvp_equals_a_finite_difference_on_the_cnn():
     """The exact HVP (reverse over the custom-VJP ops' backward passes) vs the central
     difference on the real CNN with BN, in float64, along a unit direction with a step
@@ -109,8 +115,10 @@ def test_exact_hvp_equals_a_finite_difference_on_the_cnn():
         v = [jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, jax.random.split(KEY, len(leaves)))]
         norm = jnp.sqrt(sum(jnp.sum(a * a) for a in v))
         v = treedef.unflatten([a / norm for a in v])
-        hvp = jax.jit(lambda p, v, h: hessian_vector_product(model, p, variables["batch_stats"], x, y, mask, v,
-                                                             hessian=h, delta=1e-5, loss=cross_entropy64),
+        # the HF step's gradient of the mean loss (perfedavg_update's), at p on this batch
+        grad = jax.grad(mean_batch_loss(model, cross_entropy64), has_aux=True)
+        batch_grad = lambda p: grad(p, variables["batch_stats"], x, y, mask)[0]
+        hvp = jax.jit(lambda p, v, h: hessian_vector_product(batch_grad, p, v, hessian=h, delta=1e-5),
                       static_argnums=2)
         flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
         e = flat(hvp(variables["params"], v, "exact"))
@@ -121,8 +129,10 @@ def test_exact_hvp_equals_a_finite_difference_on_the_cnn():
         rng = np.random.default_rng(1)
         xs, ys, m, mats = _quadratic(rng, 1)
         vv = rng.normal(size=4)
-        hv = hessian_vector_product(Linear(), {"w": jnp.zeros(4)}, {}, jnp.asarray(xs[0]), jnp.asarray(ys[0]),
-                                    jnp.asarray(m[0]), {"w": jnp.asarray(vv)}, loss=squared_error)
+        linear_grad = jax.grad(mean_batch_loss(Linear(), squared_error), has_aux=True)
+        hv = hessian_vector_product(
+            lambda p: linear_grad(p, {}, jnp.asarray(xs[0]), jnp.asarray(ys[0]), jnp.asarray(m[0]))[0],
+            {"w": jnp.zeros(4)}, {"w": jnp.asarray(vv)})
         np.testing.assert_allclose(np.asarray(hv["w"]), mats[0][0] @ vv, rtol=1e-12)
 
 
@@ -157,6 +167,7 @@ def _real(store, rows):
             jnp.asarray(np.asarray(store.labels)[rows]))
 
 
+@pytest.mark.slow
 def test_round_and_evaluation_equal_a_naive_per_client_loop(ragged):
     """HF with the exact HVP on the CNN with BN, participants [2, 0] of different sizes:
     each client by hand (meta-steps over the trainer's batches, unpadded; the running stats
@@ -256,6 +267,7 @@ class TinyNet(nn.Module):
         return nn.Dense(self.num_classes, name="FC2")(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,hessian", [("fo", "exact"), ("hf", "exact")])
 def test_every_strategy_agrees_padding_changes_nothing_no_retrace(ragged, variant, hessian):
     """vmap = loop = shard for a cohort of three clients of different sizes (different
@@ -290,30 +302,44 @@ def test_every_strategy_agrees_padding_changes_nothing_no_retrace(ragged, varian
 
 
 # ---------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("config,train,pattern", [
-    (PerFedAvgConfig(variant="so"), LocalTrainConfig(), "perfedavg_variant"),
-    (PerFedAvgConfig(hessian="bfgs"), LocalTrainConfig(), "perfedavg_hessian"),
-    (PerFedAvgConfig(alpha=-0.1), LocalTrainConfig(), "perfedavg_alpha"),
-    (PerFedAvgConfig(alpha=float("nan")), LocalTrainConfig(), "perfedavg_alpha"),
-    (PerFedAvgConfig(beta=0.0), LocalTrainConfig(), "perfedavg_beta"),
-    (PerFedAvgConfig(beta=-1.0), LocalTrainConfig(), "perfedavg_beta"),
-    (PerFedAvgConfig(delta=0.0), LocalTrainConfig(), "perfedavg_delta"),
-    (PerFedAvgConfig(), LocalTrainConfig(momentum=0.9), "momentum"),
+@pytest.mark.parametrize("options,train,pattern", [
+    (dict(variant="so"), dict(), "perfedavg_variant"),
+    (dict(hessian="bfgs"), dict(), "perfedavg_hessian"),
+    (dict(alpha=-0.1), dict(), "perfedavg_alpha"),
+    (dict(alpha=float("nan")), dict(), "perfedavg_alpha"),
+    (dict(beta=0.0), dict(), "perfedavg_beta"),
+    (dict(beta=-1.0), dict(), "perfedavg_beta"),
+    (dict(delta=0.0), dict(), "perfedavg_delta"),
+    (dict(), dict(momentum=0.9), "momentum"),
 ])
-def test_bad_options_are_refused_before_data(config, train, pattern):
+def test_bad_options_are_refused_before_data(options, train, pattern):
+    """Refused where the configs are built: the options by PerFedAvgConfig, their fit with
+    the local training by validate_training and the ExperimentConfig that pairs them."""
     with pytest.raises(UserInputError, match=pattern):
-        config.validate()
-        config.validate_training(train)
+        PerFedAvgConfig(**options).validate_training(LocalTrainConfig(**train))
     with pytest.raises(UserInputError, match=pattern):
-        ExperimentConfig(algorithm="perfedavg", algorithm_config=config, train=train).validate()
+        ExperimentConfig(algorithm="perfedavg", algorithm_config=PerFedAvgConfig(**options),
+                         train=LocalTrainConfig(**train))
     with pytest.raises(ValueError):
         perfedavg_update(Linear(), alpha=0.1, beta=0.1, variant="so")
 
 
+BAD_ARGV = ["--algorithm=perfedavg", "--perfedavg_variant=so", "--dataset=synthetic",
+            "--synthetic_per_class=40", "--num_clients=4", "--rounds=1"]
+
+
+def test_command_line_bad_option_is_one_line():
+    with pytest.raises(UserInputError, match="perfedavg_variant") as err:
+        config_from_argv(["run", *BAD_ARGV])
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.slow
 def test_cli_bad_option_is_one_line_exit_2(tmp_path):
-    from tests.test_cli import _run
-    p = _run(["--algorithm=perfedavg", "--perfedavg_variant=so", "--dataset=synthetic",
-              "--synthetic_per_class=40", "--num_clients=4", "--rounds=1", f"--workdir={tmp_path}"], timeout=120)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "experiments.run", *BAD_ARGV, f"--workdir={tmp_path}"],
+                       cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=120)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(err) == 1, p.stderr[-2000:]
     assert err[0].startswith("error: ") and "perfedavg_variant" in err[0], err[0]

@@ -1,4 +1,4 @@
-"""pFedHN (pfedla_jax/algorithms/pfedhn.py) against independent oracles (digest §2.7).
+"""pFedHN (pfedla_jax/algorithms/pfedhn.py) against independent oracles.
 
   * the batched VJP = jax.grad of the surrogate sum_i <theta_i(phi), sg(delta_i)> = a
     Python loop of single-client VJPs; a linear hypernetwork by hand; a finite difference;
@@ -10,6 +10,9 @@
 """
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +27,11 @@ from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.data.store import normalize_images
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import layer_names, make_cnn
+from pfedla_jax.training.command_line import config_from_argv
 from pfedla_jax.training.config import ExperimentConfig, RunOptions
 from pfedla_jax.training.loop import build_experiment, run_experiment
 from pfedla_jax.training.workdir import Checkpoints
 from tests.helpers import small_store
-from tests.test_cli import _run
 
 # A small stand-in for a client model's params (all the generator sees are leaf shapes).
 TOY = {"A": {"bias": np.zeros(4), "kernel": np.zeros((3, 4))}, "B": {"scale": np.zeros(2)},
@@ -96,7 +99,7 @@ def test_generator_shapes_and_pytorch_init():
 
 
 def test_sync_gradient_is_grad_of_surrogate_and_sum_of_per_client_vjps():
-    """(digest §2.7 #1) The one batched VJP = jax.grad of sum_i <theta_i(phi), sg(delta_i)>
+    """The one batched VJP = jax.grad of sum_i <theta_i(phi), sg(delta_i)>
     through the whole generator (embeddings included) = a loop of single-client VJPs."""
     with jax.enable_x64(True):
         hn = _toy_hn()
@@ -124,7 +127,7 @@ def test_sync_gradient_is_grad_of_surrogate_and_sum_of_per_client_vjps():
 
 
 def test_linear_hypernetwork_by_hand_and_finite_difference():
-    """(digest §2.7 #2) n_hidden = 0: theta = W (A^T e + a) + b per head, so dW = h (x) delta,
+    """n_hidden = 0: theta = W (A^T e + a) + b per head, so dW = h (x) delta,
     db = delta, dA = e (x) W^T delta, de = A W^T delta; one coordinate by central differences."""
     with jax.enable_x64(True):
         hn = _toy_hn(n_hidden=0)
@@ -185,7 +188,7 @@ def _torch_sgd_reference(phi, grads_per_step, cfg):
 
 @pytest.mark.parametrize("clip", [0.0, 0.05], ids=["noclip", "clipped"])
 def test_optimizer_is_pytorch_sgd_and_every_embedding_row_decays(clip):
-    """(digest §2.5, §2.7 #5) Two steps (clients 0 then 2): non-participants' embedding rows
+    """Two steps (clients 0 then 2): non-participants' embedding rows
     shrink by weight decay and drift with momentum, exactly as torch.optim.SGD does."""
     with jax.enable_x64(True):
         cfg = PFedHNConfig(hn_lr=0.3, embed_lr=0.7, hn_momentum=0.9, hn_weight_decay=0.05, hn_clip=clip)
@@ -237,8 +240,9 @@ def _close(a, b, atol=1e-5, rtol=1e-5):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
 
 
+@pytest.mark.slow
 def test_sequential_round_equals_a_python_loop_of_single_client_steps():
-    """(digest §2.7 #4) The scan = generate from the current phi, train alone, VJP, optax
+    """The scan = generate from the current phi, train alone, VJP, optax
     step, one client after another."""
     cfg = PFedHNConfig(semantics="sequential", hn_lr=0.5, hn_clip=0.5)
     algo = _algo(cfg)
@@ -274,8 +278,9 @@ def test_sequential_round_equals_a_python_loop_of_single_client_steps():
         jax.tree.leaves(new_state["hn_params"]), jax.tree.leaves(state["hn_params"]))) > 1e-3
 
 
+@pytest.mark.slow
 def test_the_hypernetwork_step_is_descent_on_the_clients_loss():
-    """(digest §2.5 sign, §2.7 #3) One full-batch local SGD step gives delta = lr grad L, so a
+    """The sign: one full-batch local SGD step gives delta = lr grad L, so a
     small hypernetwork step (`server_update`, as the round takes it) lowers L(h(v; phi)) on
     that batch; the opposite step raises it."""
     algo = _algo(PFedHNConfig(hn_lr=1e-3, hn_momentum=0.0, hn_weight_decay=0.0, hn_clip=0.0))
@@ -302,6 +307,7 @@ def test_the_hypernetwork_step_is_descent_on_the_clients_loss():
     assert l1 < l0 < l_back, (l1, l0, l_back)
 
 
+@pytest.mark.slow
 def test_end_to_end_and_vmap_equals_shard(tmp_path):
     """The experiment loop runs pFedHN (both views reported, one program for all rounds) on
     `shard`; `vmap` gives the same two rounds (the final checkpoint's state). `loop` = `shard`
@@ -341,14 +347,28 @@ def test_end_to_end_and_vmap_equals_shard(tmp_path):
     _close(mine, jax.device_get(saved), atol=2e-5, rtol=2e-4)
 
 
+BAD_ARGV = ["--dataset=synthetic", "--synthetic_per_class=40", "--num_clients=4", "--rounds=1",
+            "--algorithm=pfedhn", "--pfedhn_hidden_dim=0"]
+
+
+def test_command_line_bad_hypernetwork_size_is_one_line():
+    with pytest.raises(UserInputError, match="--pfedhn_hidden_dim") as err:
+        config_from_argv(["run", *BAD_ARGV])
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.slow
 def test_cli_bad_hypernetwork_size_is_one_line_error(tmp_path):
-    p = _run(["--dataset=synthetic", "--synthetic_per_class=40", "--num_clients=4", "--rounds=1",
-              f"--workdir={tmp_path}", "--algorithm=pfedhn", "--pfedhn_hidden_dim=0"], timeout=120)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "experiments.run", *BAD_ARGV, f"--workdir={tmp_path}"],
+                       cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=120)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "--pfedhn_hidden_dim" in err[0], p.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_client_gradient_clip_bounds_each_local_step():
     """--pfedhn_client_clip (official clip_grad_norm_(net.parameters(), 50) at every local
     step): with a tiny clip, one full-batch step moves each client's model by exactly

@@ -1,4 +1,4 @@
-"""What pFedLA learns (issue 12): the paper's Fig. 5 ordering on the Fig. 5 partition, no
+"""What pFedLA learns: the paper's Fig. 5 ordering on the Fig. 5 partition, no
 dead alpha rows, and an update whose size does not depend on the clients' step size."""
 
 import jax
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from experiments.plots import client_groups
-from pfedla_jax.algorithms.pfedla import PFedLAConfig, hn_cotangent, normalized_cotangent
+from pfedla_jax.algorithms.pfedla import (PFedLAConfig, delta_sq_norms, hn_cotangent,
+                                          normalized_cotangent)
 from pfedla_jax.core.layers import make_layer_map
 from pfedla_jax.core.local_training import LocalTrainConfig
 from pfedla_jax.errors import UserInputError
@@ -36,6 +37,7 @@ def fig5_run():
     return alpha, client_groups(hist, 0), list(exp.context.layer_order)
 
 
+@pytest.mark.slow
 def test_fig5_target_weights_self_same_similar_others(fig5_run):
     alpha, groups, layers = fig5_run
     assert list(groups[:3]) == [0, 1, 2] and np.all(groups[3:] == 3)   # the partition's roles
@@ -49,6 +51,7 @@ def test_fig5_target_weights_self_same_similar_others(fig5_run):
     assert alpha[0, 0, 0] < min(alpha[0, l, 0] for l in fc)
 
 
+@pytest.mark.slow
 def test_no_alpha_row_is_one_hot_after_training(fig5_run):
     alpha, _, _ = fig5_run
     assert np.all(alpha.max(-1) < 1.0)
@@ -71,7 +74,6 @@ def test_first_update_reference_makes_the_step_independent_of_the_client_step_si
     stacked, delta = _params(rng, 5), _params(rng, 3)
     lm = make_layer_map(jax.tree.map(lambda a: a[0], stacked), ("Conv1", "FC1"), "layer")
     first = jax.tree.map(lambda d: 3.0 * d + 0.1, delta)                # the clients' first updates
-    from pfedla_jax.algorithms.pfedla import delta_sq_norms
     ref = delta_sq_norms(first, lm)
     retained = jnp.zeros((3, lm.num_layers), bool)
     base = hn_cotangent(stacked, delta, lm, 5, retained, cotangent, delta_sq=ref)
@@ -89,6 +91,7 @@ def test_first_update_reference_makes_the_step_independent_of_the_client_step_si
                                rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_reference_is_the_first_update_and_kept():
     """With --hn_delta_reference=first, delta_ref holds each client's first |delta|^2 per
     layer; later rounds leave it (the default, `current`, keeps no such entry)."""

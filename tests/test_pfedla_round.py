@@ -5,10 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pfedla_jax.algorithms import FLContext, Local, PFedLA, PFedLAConfig
+from pfedla_jax.algorithms import FLContext
+from pfedla_jax.algorithms.local import Local
+from pfedla_jax.algorithms.pfedla import PFedLA, PFedLAConfig
 from pfedla_jax.core.aggregation import aggregate
+from pfedla_jax.core.client_parallel import make_mesh
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
-from pfedla_jax.core.stacking import take_clients
+from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import layer_names, make_cnn
 from pfedla_jax.models.hypernetwork import stacked_alpha
 from tests.helpers import small_store, store_from_indices, synthetic
@@ -24,6 +27,9 @@ class RecordingTrainer:
 
     def __init__(self):
         self.calls = []
+        self.config = LocalTrainConfig()   # what FLContext reads of a trainer besides `train`
+        self.mesh = make_mesh("loop")
+        self.store = None
 
     def train(self, params, batch_stats, client_ids, round_key, store=None):
         def record(p, ids):
@@ -57,12 +63,13 @@ def _set_hn_alpha(algo, state, alpha_fn):
     return {**state, "hn_params": hp}
 
 
+@pytest.mark.slow
 def test_clients_start_from_theta_bar_and_store_trained():
     trainer = RecordingTrainer()
     algo = PFedLA(_ctx(trainer=trainer), PFedLAConfig(hn_lr=0.1))
     state = algo.init(jax.random.PRNGKey(0))
     ids = np.array([0, 2])
-    alpha = stacked_alpha(algo.hn, take_clients(state["hn_params"], jnp.asarray(ids)), jnp.asarray(ids))
+    alpha = stacked_alpha(algo.hn, algo.take(state["hn_params"], jnp.asarray(ids)), jnp.asarray(ids))
     expect_bar = aggregate(alpha, state["client_params"], algo.layer_map)   # independent: from the snapshot
     new_state, _ = algo.round(state, 0, ids, jax.random.PRNGKey(1))
     started, called_ids = trainer.calls[0]
@@ -84,6 +91,7 @@ def test_clients_start_from_theta_bar_and_store_trained():
     assert moved(0) and moved(2) and not moved(1)
 
 
+@pytest.mark.slow
 def test_synchronous_vs_sequential_by_hand():
     """Fixed alpha (hn_lr = 0): sequential clients see earlier clients' new params."""
     n = 3
@@ -117,6 +125,7 @@ def test_synchronous_vs_sequential_by_hand():
     assert not np.allclose(np.asarray(jax.tree.leaves(sync)[0]), np.asarray(jax.tree.leaves(seq)[0]))
 
 
+@pytest.mark.slow
 def test_uniform_alpha_is_plain_average():
     trainer = RecordingTrainer()
     algo = PFedLA(_ctx(4, trainer), PFedLAConfig(hn_lr=0.0))
@@ -129,6 +138,7 @@ def test_uniform_alpha_is_plain_average():
             np.testing.assert_allclose(np.asarray(got)[i], mean, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_one_hot_self_alpha_reproduces_local_training_exactly():
     ds, store = small_store(num_clients=3, samples_per_client=40)
     cfg = LocalTrainConfig(batch_size=16, local_epochs=1, lr=0.05)
@@ -146,6 +156,7 @@ def test_one_hot_self_alpha_reproduces_local_training_exactly():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_heur_retained_layers_are_own_and_bytes_recorded():
     trainer = RecordingTrainer()
     algo = PFedLA(_ctx(3, trainer), PFedLAConfig(hn_lr=0.0, heur_k=1))
@@ -169,11 +180,11 @@ def test_heur_retained_layers_are_own_and_bytes_recorded():
 
 
 def test_heur_k_must_be_less_than_num_layers():
-    from pfedla_jax.errors import UserInputError
     with pytest.raises(UserInputError, match="heur_k"):
         PFedLA(_ctx(3, RecordingTrainer()), PFedLAConfig(heur_k=5))
 
 
+@pytest.mark.slow
 def test_alpha_learns_group_structure():
     """Two groups with disjoint classes: each client's alpha favours its own group."""
     ds = synthetic(per_class=120)

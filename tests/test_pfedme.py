@@ -1,4 +1,4 @@
-"""pFedMe (issue 16): the local step and a round against independent computations.
+"""pFedMe: the local step and a round against independent computations.
 
 Oracles: the numpy closed form of the inner recurrence on a linear least-squares model
 (theta_K = M^K theta_0 + sum_{k<K} M^k p (b + lam w), M = I - p (A + (lam + mu) I)) and its
@@ -6,6 +6,10 @@ fixed point, the proximal point (A + (lam + mu) I)^-1 (b + lam w); a naive per-c
 Python loop (model.apply + jax.grad on the unpadded minibatches `ClientTrainer.batch_plan`
 reports) for a round; the evaluated views compared with the state (theta, not w).
 """
+
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -22,6 +26,7 @@ from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.data.store import normalize_images
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import layer_names, make_cnn
+from pfedla_jax.training.command_line import config_from_argv
 from pfedla_jax.training.config import ExperimentConfig
 from tests.helpers import small_store
 
@@ -118,6 +123,7 @@ def one_round(ragged):
     return algo, ctx, before, state, ids
 
 
+@pytest.mark.slow
 def test_one_round_equals_a_naive_per_client_loop(ragged, one_round):
     ds, store = ragged
     algo, ctx, before, state, ids = one_round
@@ -163,6 +169,7 @@ def test_one_round_equals_a_naive_per_client_loop(ragged, one_round):
             np.testing.assert_array_equal(a[1], b[1])
 
 
+@pytest.mark.slow
 def test_headline_view_evaluates_theta_not_w(ragged, one_round):
     """'' is theta (the personalised model), 'local' the client's w, 'global' the global w;
     for a participant the three differ (no aliasing), and the headline accuracy is theta's:
@@ -202,6 +209,7 @@ class TinyNet(nn.Module):
         return nn.Dense(self.num_classes, name="FC2")(x)
 
 
+@pytest.mark.slow
 def test_every_strategy_agrees_padding_changes_nothing_no_retrace(ragged):
     """vmap = loop = shard for three clients of different sizes (5 / 6 / 7 local steps);
     under vmap each client's output equals its output trained alone (the padding steps of
@@ -238,30 +246,44 @@ def test_every_strategy_agrees_padding_changes_nothing_no_retrace(ragged):
 
 
 # ---------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("config,train,pattern", [
-    (PFedMeConfig(lam=0.0), LocalTrainConfig(), "pfedme_lam"),
-    (PFedMeConfig(lam=-1.0), LocalTrainConfig(), "pfedme_lam"),
-    (PFedMeConfig(inner_steps=0), LocalTrainConfig(), "pfedme_inner_steps"),
-    (PFedMeConfig(personal_lr=0.0), LocalTrainConfig(), "pfedme_personal_lr"),
-    (PFedMeConfig(beta=0.0), LocalTrainConfig(), "pfedme_beta"),
-    (PFedMeConfig(beta=float("inf")), LocalTrainConfig(), "pfedme_beta"),
-    (PFedMeConfig(mu=-0.1), LocalTrainConfig(), "pfedme_mu"),
-    (PFedMeConfig(personal_lr=0.2), LocalTrainConfig(), "inner solve diverges"),
-    (PFedMeConfig(), LocalTrainConfig(lr=0.2), "local step"),
-    (PFedMeConfig(), LocalTrainConfig(weight_decay=1e-4), "weight_decay"),
+@pytest.mark.parametrize("options,train,pattern", [
+    (dict(lam=0.0), dict(), "pfedme_lam"),
+    (dict(lam=-1.0), dict(), "pfedme_lam"),
+    (dict(inner_steps=0), dict(), "pfedme_inner_steps"),
+    (dict(personal_lr=0.0), dict(), "pfedme_personal_lr"),
+    (dict(beta=0.0), dict(), "pfedme_beta"),
+    (dict(beta=float("inf")), dict(), "pfedme_beta"),
+    (dict(mu=-0.1), dict(), "pfedme_mu"),
+    (dict(personal_lr=0.2), dict(), "inner solve diverges"),
+    (dict(), dict(lr=0.2), "local step"),
+    (dict(), dict(weight_decay=1e-4), "weight_decay"),
 ])
-def test_bad_options_are_refused_before_data(config, train, pattern):
+def test_bad_options_are_refused_before_data(options, train, pattern):
+    """Refused where the configs are built: the options by PFedMeConfig, their fit with the
+    local training by validate_training and the ExperimentConfig that pairs them."""
     with pytest.raises(UserInputError, match=pattern):
-        config.validate()
-        config.validate_training(train)
+        PFedMeConfig(**options).validate_training(LocalTrainConfig(**train))
     with pytest.raises(UserInputError, match=pattern):
-        ExperimentConfig(algorithm="pfedme", algorithm_config=config, train=train).validate()
+        ExperimentConfig(algorithm="pfedme", algorithm_config=PFedMeConfig(**options),
+                         train=LocalTrainConfig(**train))
 
 
+BAD_ARGV = ["--algorithm=pfedme", "--pfedme_lam=0", "--dataset=synthetic", "--synthetic_per_class=40",
+            "--num_clients=4", "--rounds=1"]
+
+
+def test_command_line_bad_option_is_one_line():
+    with pytest.raises(UserInputError, match="pfedme_lam") as err:
+        config_from_argv(["run", *BAD_ARGV])
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.slow
 def test_cli_bad_option_is_one_line_exit_2(tmp_path):
-    from tests.test_cli import _run
-    p = _run(["--algorithm=pfedme", "--pfedme_lam=0", "--dataset=synthetic", "--synthetic_per_class=40",
-              "--num_clients=4", "--rounds=1", f"--workdir={tmp_path}"], timeout=120)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "experiments.run", *BAD_ARGV, f"--workdir={tmp_path}"],
+                       cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=120)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(err) == 1, p.stderr[-2000:]
     assert err[0].startswith("error: ") and "pfedme_lam" in err[0], err[0]

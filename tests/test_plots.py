@@ -1,4 +1,9 @@
-"""experiments.plots: every PNG from a tiny real pFedLA + FedAvg run; bad input -> one line, exit 2."""
+"""experiments.plots: every PNG from a tiny real pFedLA + FedAvg run; bad input -> one line, exit 2.
+
+The tests that read the two real runs (a module fixture) are slow; bad command lines are
+checked in process (the tool's flags parsed as its program parses them, then `make_plots`
+as its main calls it) and one through the program.
+"""
 
 import json
 import os
@@ -8,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from absl import flags
 
 from experiments import plots
+from pfedla_jax.core.local_training import LocalTrainConfig
 from pfedla_jax.errors import UserInputError
+from pfedla_jax.training.loop import ExperimentConfig, RunOptions, run_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,17 +28,12 @@ ALL_PNGS = ("accuracy.png", "alpha_heatmap_fc1.png", "self_weight_per_layer.png"
 
 def _quiet_options():
     """No periodic checkpoints or TensorBoard files."""
-    from pfedla_jax.training.loop import RunOptions
-
     return {"options": RunOptions(checkpoint_every=0, tensorboard=False, client_parallelism="vmap")}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two tiny real runs (synthetic data, 3 clients, 2 rounds): pFedLA and FedAvg."""
-    from pfedla_jax.core.local_training import LocalTrainConfig
-    from pfedla_jax.training.loop import ExperimentConfig, run_experiment
-
     base = tmp_path_factory.mktemp("runs")
     out = {}
     for algo in ("pfedla", "fedavg"):
@@ -57,6 +60,7 @@ def _assert_png(path):
     assert os.path.getsize(path) > 5000, (path, os.path.getsize(path))
 
 
+@pytest.mark.slow  # the runs fixture; starts a process
 def test_cli_writes_every_png(runs, tmp_path):
     out = tmp_path / "plots"
     p = _plots_cli([f"--workdir={runs['pfedla']}", f"--compare={runs['fedavg']}", f"--out={out}"])
@@ -65,13 +69,14 @@ def test_cli_writes_every_png(runs, tmp_path):
     for name in ALL_PNGS:
         _assert_png(out / name)
         assert str(out / name) in p.stdout
-    # Default output folder: WORKDIR/plots; FedAvg alone has no alpha plots.
-    p = _plots_cli([f"--workdir={runs['fedavg']}"])
-    assert p.returncode == 0, p.stderr[-3000:]
+    # Default output folder: WORKDIR/plots (what the program does without --out: make_plots
+    # with out=None); FedAvg alone has no alpha plots.
+    plots.make_plots(runs["fedavg"])
     got = sorted(os.listdir(os.path.join(runs["fedavg"], "plots")))
     assert got == ["accuracy.png", "label_histogram.png"]
 
 
+@pytest.mark.slow  # the runs fixture
 def test_library_functions_and_layer_choice(runs, tmp_path):
     run = plots.load_run(runs["pfedla"])
     a = run.alpha
@@ -104,6 +109,7 @@ def test_library_functions_and_layer_choice(runs, tmp_path):
     assert plots.label_histogram_of(stored).tolist() == [[1, 2], [3, 4]]
 
 
+@pytest.mark.slow  # the runs fixture
 @pytest.mark.parametrize("case,pattern", [
     ("missing_workdir", "does not exist"),
     ("no_metrics", "no metrics.jsonl"),
@@ -135,20 +141,42 @@ def test_bad_metrics_file(tmp_path):
         plots.load_run(str(tmp_path))
 
 
-def test_cli_bad_input_one_line_exit_2(runs, tmp_path):
-    for args, pattern in [
+def _cli_arguments(runs, tmp_path):
+    """(flags, pattern) of bad command lines; the workdirs of `runs` as a dict of paths."""
+    return [
         ([f"--workdir={tmp_path / 'nope'}"], "does not exist"),
         ([f"--workdir={runs['fedavg']}", "--layer=FC1"], "no alpha.npz"),
         ([f"--workdir={runs['pfedla']}", "--layer=FC9", f"--out={tmp_path}"], "unknown --layer"),
         ([], "--workdir is required"),
-    ]:
-        p = _plots_cli(args)
-        assert p.returncode == 2, (args, p.returncode, p.stderr[-2000:])
-        err = p.stderr.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], p.stderr[-2000:]
-        assert "Traceback" not in p.stderr
+    ]
 
 
+@pytest.mark.slow  # the runs fixture
+def test_cli_bad_input_is_one_line(runs, tmp_path):
+    """In process: the flags parsed as the program parses them, then make_plots as its main
+    calls it; the UserInputError is what the program prints as one `error:` line."""
+    for args, pattern in _cli_arguments(runs, tmp_path):
+        values = flags.FlagValues()
+        plots.define_flags(values)
+        values(["experiments.plots", *args])
+        with pytest.raises(UserInputError, match=pattern) as e:
+            plots.make_plots(values.workdir, values.compare, values.out, values.layer, values.plots,
+                             target=values.target)
+        assert "\n" not in str(e.value)
+    assert not list(tmp_path.rglob("*.png"))  # nothing half-written
+
+
+@pytest.mark.slow  # the runs fixture; starts a process
+def test_cli_bad_input_one_line_exit_2(runs, tmp_path):
+    args, pattern = _cli_arguments(runs, tmp_path)[2]   # through the program: unknown --layer
+    p = _plots_cli(args)
+    assert p.returncode == 2, (args, p.returncode, p.stderr[-2000:])
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow  # the runs fixture
 def test_label_histogram_skipped_with_warning_when_not_rebuildable(runs, tmp_path):
     workdir = tmp_path / "copy"
     workdir.mkdir()

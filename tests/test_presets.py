@@ -1,5 +1,6 @@
 """experiments/presets/*.flags: every preset parses with experiments.run's flags and builds a
-valid ExperimentConfig; the paper presets match the paper's settings (digest §5-§8).
+valid ExperimentConfig; the paper presets match the paper's settings (the pFedLA paper's
+Sec. 5.1 and Tables 1-3).
 
 Nothing is trained. Data that is not available offline (TFDS) is not loaded: the partition
 is checked on labels with the dataset's class counts instead.
@@ -12,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from absl import flags
 
-from experiments import run
-from pfedla_jax.data import make_partition
+from experiments import table
+from pfedla_jax.algorithms import algorithm_class, algorithm_names
+from pfedla_jax.data import load_dataset, make_partition, scheme_parameters
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import layer_names, make_cnn
+from pfedla_jax.training.command_line import config_from_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET_DIR = os.path.join(ROOT, "experiments", "presets")
@@ -38,12 +40,7 @@ SHORT = {"fmnist": "fmnist", "emnist": "tfds:emnist/digits", "cifar10": "tfds:ci
 
 def _config(path):
     """Parses a preset the way `python -m experiments.run --flagfile=PATH` does."""
-    flags.FLAGS.unparse_flags()
-    try:
-        run.parse_flags(["experiments.run", f"--flagfile={path}"])
-        return run._config()
-    finally:
-        flags.FLAGS.unparse_flags()
+    return config_from_argv(["experiments.run", f"--flagfile={path}"]).config
 
 
 def _flag_lines(path):
@@ -70,25 +67,20 @@ def test_preset_parses_and_validates(path, capsys):
     # The header names the exact command that runs this very file.
     assert any(f"--flagfile=experiments/presets/{name}.flags" in c for c in comments), name
     try:
-        cfg = _config(path)
-    except SystemExit as e:  # run.parse_flags -> fail(): one line on stderr, exit 2
-        pytest.fail(f"{name}: exit {e.code}: {capsys.readouterr().err.strip()}")
-    cfg.validate()
+        cfg = _config(path)  # built = validated
+    except UserInputError as e:
+        pytest.fail(f"{name}: {e}")
     assert cfg.dataset in DATASETS, cfg.dataset
     shape, num_classes, per_class = DATASETS[cfg.dataset]
     use_bn = None if cfg.use_bn == "auto" else cfg.use_bn == "true"
     model = make_cnn(shape, num_classes, use_bn=use_bn)
     if cfg.algorithm == "pfedla":
-        cfg.algorithm_config.validate()
         assert cfg.algorithm_config.heur_k < len(layer_names(model))
     # The partition is feasible on labels with the dataset's class counts (no data loaded).
     labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
-    part = make_partition(
-        labels, num_classes, cfg.num_clients, cfg.partition,
-        classes_per_client=cfg.classes_per_client, dominant_classes=cfg.dominant_classes,
-        dominant_share=cfg.dominant_share, dirichlet_alpha=cfg.dirichlet_alpha,
-        min_client_size=cfg.min_client_size, samples_per_client=cfg.samples_per_client or None,
-        seed=cfg.seed)
+    params = {name: getattr(cfg, name) for name in scheme_parameters(cfg.partition)}
+    part = make_partition(labels, num_classes, cfg.num_clients, cfg.partition,
+                          samples_per_client=cfg.samples_per_client or None, seed=cfg.seed, **params)
     assert part.num_clients == cfg.num_clients
     assert min(len(t) for t in part.test_indices) > 0
 
@@ -102,7 +94,7 @@ def test_paper_presets_match_the_paper(path):
     kind, ds, variant = re.fullmatch(r"(table[123]|fig6)_([a-z0-9]+)_?(.*)", name).groups()
     assert cfg.dataset == SHORT[ds]
     assert cfg.algorithm == "pfedla"
-    # per-client size unknown: the largest feasible; the `_small` variants use 200 (issue 12)
+    # per-client size unknown: the largest feasible; the `_small` variants use 200
     assert cfg.samples_per_client == (200 if variant.endswith("small") else 0)
     assert cfg.train.batch_size == 32 and cfg.train.local_steps == 0
     assert cfg.train.lr == (0.01 if ds.startswith("cifar") else 0.005)
@@ -127,8 +119,6 @@ def test_paper_presets_match_the_paper(path):
 
 
 def test_fmnist_presets_on_real_data():
-    from pfedla_jax.data import load_dataset
-
     try:
         ds = load_dataset("fmnist")
     except UserInputError as e:
@@ -137,23 +127,20 @@ def test_fmnist_presets_on_real_data():
         cfg = _config(path)
         if cfg.dataset != "fmnist":
             continue
-        part = make_partition(
-            ds.labels, ds.num_classes, cfg.num_clients, cfg.partition,
-            classes_per_client=cfg.classes_per_client, dominant_classes=cfg.dominant_classes,
-            dominant_share=cfg.dominant_share, samples_per_client=cfg.samples_per_client or None,
-            seed=cfg.seed)
+        params = {name: getattr(cfg, name) for name in scheme_parameters(cfg.partition)}
+        part = make_partition(ds.labels, ds.num_classes, cfg.num_clients, cfg.partition,
+                              samples_per_client=cfg.samples_per_client or None, seed=cfg.seed,
+                              **params)
         sizes = {len(a) + len(b) for a, b in zip(part.train_indices, part.test_indices)}
         assert len(sizes) == 1, (name, sizes)
 
 
-def test_bad_preset_is_one_line_error(tmp_path, capsys):
+def test_bad_preset_is_one_line_error(tmp_path):
     bad = tmp_path / "bad.flags"
     bad.write_text("# a typo\n--num_clientz=10\n")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserInputError, match="num_clientz") as e:
         _config(str(bad))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "num_clientz" in err[0]
+    assert "\n" not in str(e.value)
 
 
 def test_fig5_preset_is_the_paper_fig5_setting():
@@ -167,14 +154,19 @@ def test_fig5_preset_is_the_paper_fig5_setting():
                          ids=[n for n in NAMES if re.match(r"table[12]_", n)])
 def test_table_presets_list_every_built_method(path):
     """Every Table 1/2 preset's header gives the command of every method of the paper's
-    table that this project has (FedBN where the model has BN), with the paper's number."""
-    from pfedla_jax.algorithms import algorithm_names
-
+    table that this project has (FedBN where the model has BN), with the paper's number.
+    The paper's methods: the algorithms with a row in the paper's order (`TableRow.order`
+    below 100; the registry's table metadata), but the preset's own (its flags'
+    --algorithm, whose command is the flagfile alone)."""
     name = os.path.basename(path)[: -len(".flags")]
-    _, comments = _flag_lines(path)
+    body, comments = _flag_lines(path)
     commands = [c for c in comments if f"--flagfile=experiments/presets/{name}.flags" in c]
     given = {m.group(1) for c in commands for m in [re.search(r"--algorithm=(\w+)", c)] if m}
-    expected = {"local", "fedavg", "fedrep", "pfedhn", "perfedavg", "pfedme", "fedfomo"} | ({"fedbn"} if "cifar" in name else set())
+    has_bn = table.model_has_bn(body)
+    expected = {algorithm for algorithm in algorithm_names() for row in algorithm_class(algorithm).rows()
+                if row.order < 100 and (has_bn or not row.needs_batchnorm)}
+    expected -= {_config(path).algorithm}
+    assert expected, "no algorithm declares a row of the paper's table"
     assert expected <= given, expected - given
     assert given <= set(algorithm_names())
     workdirs = [re.search(r"--workdir=(\S+)", c).group(1) for c in commands]

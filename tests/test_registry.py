@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from pfedla_jax.algorithms import Algorithm, Evaluation, FLContext, PFedLA, register
+from pfedla_jax.algorithms import Algorithm, AlgorithmConfig, Evaluation, FLContext, register
+from pfedla_jax.algorithms.pfedla import PFedLA
 from pfedla_jax.algorithms.registry import config_fields, unregister
 from pfedla_jax.core.aggregation import weighted_average
 from pfedla_jax.core.evaluation import View
@@ -19,13 +20,14 @@ from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig, make
 from pfedla_jax.core.client_update import sgd_update
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import layer_names, make_cnn
+from pfedla_jax.training.command_line import config_from_argv, define_flags
 from pfedla_jax.training.config import ExperimentConfig, RunOptions, apply_overrides
 from pfedla_jax.training.loop import build_experiment, run_experiment
 from tests.helpers import small_store
 
 
 @dataclasses.dataclass(frozen=True)
-class FrozenHeadConfig:
+class FrozenHeadConfig(AlgorithmConfig):
     frozen_layer: str = "FC3"
     server_lr: float = 1.0
 
@@ -44,11 +46,10 @@ class FrozenHeadFedAvg(Algorithm):
     def __init__(self, ctx, config=None):
         super().__init__(ctx, config)
         frozen = self.config.frozen_layer
-        update = sgd_update(ctx.model, make_optimizer(ctx.trainer.config),
+        update = sgd_update(ctx.model, make_optimizer(ctx.train),
                             trainable=lambda p: {k: jax.tree.map(lambda _: k != frozen, v)
                                                  for k, v in p.items()})
-        self.trainer = ClientTrainer(ctx.model, ctx.store, ctx.trainer.config, ctx.trainer.strategy,
-                                     update=update)
+        self.trainer = ctx.trainer.with_update(update)
 
     def init_state(self, key):
         params, stats = self.ctx.init_client_variables(key)
@@ -82,6 +83,7 @@ BASE = dict(dataset="synthetic", synthetic_per_class=40, num_clients=4, classes_
             rounds=3, participation=0.5, train=LocalTrainConfig(batch_size=16, local_steps=2, lr=0.1))
 
 
+@pytest.mark.slow
 def test_toy_algorithm_end_to_end_through_the_registry(toy, tmp_path):
     config = apply_overrides(ExperimentConfig(algorithm="frozenhead", **BASE),
                              {"frozenhead.server_lr": "0.5", "frozenhead.frozen_layer": "FC3"})
@@ -107,23 +109,27 @@ def test_toy_algorithm_end_to_end_through_the_registry(toy, tmp_path):
 
 
 def test_toy_algorithm_gets_generated_flags(toy):
-    from experiments.run import define_algorithm_flags
-
+    command = config_from_argv(["prog", "--algorithm=frozenhead", "--frozenhead_server_lr=0.25"])
+    assert command.config.algorithm_config == FrozenHeadConfig(server_lr=0.25)
     fv = flags.FlagValues()
-    define_algorithm_flags(fv)
+    define_flags(fv)
     fv(["prog", "--frozenhead_server_lr=0.25", "--hn_lr=0.1"])
     assert fv["frozenhead_server_lr"].value == 0.25 and fv["frozenhead_frozen_layer"].value == "FC3"
-    assert fv["hn_lr"].value == 0.1  # pFedLA keeps its historical flag names
+    assert fv["pfedla_hn_lr"].value == 0.1  # pFedLA's historical flag names are aliases
     assert {f.flag for f in config_fields("frozenhead")} == {"frozenhead_server_lr",
                                                               "frozenhead_frozen_layer"}
+    with pytest.raises(UserInputError, match="--frozenhead_server_lr is an option of "
+                       "--algorithm=frozenhead, not of --algorithm=fedavg"):
+        config_from_argv(["prog", "--frozenhead_server_lr=0.25"])
 
 
 def test_config_errors_come_before_any_data_is_loaded(toy):
-    bad = apply_overrides(ExperimentConfig(algorithm="frozenhead", **BASE),
-                          {"frozenhead.server_lr": 2.0, "dataset": "fmnist"})
-    # the data directory does not exist: the option is reported, not the data
+    # a bad option is refused when the config is built, before any data could be read
     with pytest.raises(UserInputError, match="server_lr"):
-        run_experiment(bad, options=RunOptions(data_dir="/nonexistent/dir"))
+        apply_overrides(ExperimentConfig(algorithm="frozenhead", **BASE),
+                        {"frozenhead.server_lr": 2.0, "dataset": "fmnist"})
+    with pytest.raises(UserInputError, match="server_lr"):
+        FrozenHeadConfig(server_lr=2.0)
     with pytest.raises(UserInputError, match="unknown --algorithm 'nosuch'"):
         ExperimentConfig(algorithm="nosuch").validate()
     with pytest.raises(UserInputError, match="option of --algorithm=pfedla"):
@@ -138,6 +144,7 @@ def test_config_errors_come_before_any_data_is_loaded(toy):
     assert "frozenhead" not in cfg.to_dict()
 
 
+@pytest.mark.slow
 def test_algorithms_and_their_data_are_freed():
     """No class-level jit cache keeps an algorithm (and its client data) alive."""
     ds, store = small_store(num_clients=3, samples_per_client=40)
@@ -155,6 +162,7 @@ def test_algorithms_and_their_data_are_freed():
     assert [r() is None for r in refs] == [True, True, True]
 
 
+@pytest.mark.slow
 def test_round_is_one_program_on_a_sharded_donated_state():
     ds, store = small_store(num_clients=3, samples_per_client=40)
     model = make_cnn(ds.input_shape, ds.num_classes)

@@ -1,7 +1,9 @@
 """Checkpoint/resume: a killed and resumed run equals an uninterrupted one, bit for bit.
 
 Also: a workdir made by another configuration is refused (unless --overwrite), and a
-diverging run stops with a clear message while its last good checkpoint stays usable.
+diverging run stops with a clear message while its last good checkpoint stays usable. The
+kill is a real SIGKILL of a child process; the command-line checks run `experiments.run`'s
+main in this process (what `python -m experiments.run` runs). Every test trains: all slow.
 """
 
 import csv
@@ -12,8 +14,20 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from experiments import run as run_tool
+from pfedla_jax.algorithms.fedavg import FedAvg
+from pfedla_jax.core.local_training import LocalTrainConfig
+from pfedla_jax.errors import UserInputError
+from pfedla_jax.training.loop import ExperimentConfig, RunOptions, run_experiment
+from pfedla_jax.training.workdir import read_scalar_events
+from tests.helpers import one_error_line
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = {"round_seconds", "eval_seconds"}
@@ -92,48 +106,37 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
 
 def _events(workdir):
     """Sorted (tag, step, value) of a run's TensorBoard scalars (timing values left out)."""
-    from pfedla_jax.training.workdir import read_scalar_events
-
     timing = ("round/seconds", "round/examples_per_second", "eval/round_seconds", "eval/eval_seconds")
     return sorted((tag, step, value) for tag, step, value, _ in read_scalar_events(str(workdir / "tb"))
                   if tag not in timing)
 
 
-def _cli(args, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def _cli(args, capfd):
+    """`python -m experiments.run ARGS` run in this process: its (stdout, stderr); a refusal
+    raises SystemExit (see tests.helpers.one_error_line)."""
+    capfd.readouterr()
+    run_tool.main(["experiments.run", *args])
+    return capfd.readouterr()
 
 
 BASE = ["--dataset=synthetic", "--synthetic_per_class=40", "--num_clients=4",
         "--classes_per_client=2", "--rounds=2", "--batch_size=16", "--quiet"]
 
 
-def test_mismatched_workdir_is_refused_unless_overwrite(tmp_path):
+def test_mismatched_workdir_is_refused_unless_overwrite(tmp_path, capfd):
     workdir = f"--workdir={tmp_path / 'run'}"
-    assert _cli(BASE + ["--lr=0.05", workdir]).returncode == 0
+    _cli(BASE + ["--lr=0.05", workdir], capfd)
     # the same command again: the finished run is found and reported, not recomputed
-    p = _cli(BASE + ["--lr=0.05", workdir])
-    assert p.returncode == 0 and "final test_acc" in p.stdout, p.stderr[-2000:]
-    p = _cli(BASE + ["--lr=0.1", workdir])
-    assert p.returncode == 2
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and "different configuration" in err[0] and "0.05 -> 0.1" in err[0], err
-    p = _cli(BASE + ["--lr=0.1", "--overwrite", workdir])
-    assert p.returncode == 0, p.stderr[-2000:]
+    out = _cli(BASE + ["--lr=0.05", workdir], capfd)
+    assert "final test_acc" in out.out, out.err[-2000:]
+    err = one_error_line(run_tool.main, ["experiments.run", *BASE, "--lr=0.1", workdir], capfd)
+    assert "different configuration" in err and "0.05 -> 0.1" in err, err
+    _cli(BASE + ["--lr=0.1", "--overwrite", workdir], capfd)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train"]["lr"] == 0.1
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import jax
-    import jax.numpy as jnp
-
-    from pfedla_jax.algorithms import FedAvg
-    from pfedla_jax.core.local_training import LocalTrainConfig
-    from pfedla_jax.errors import UserInputError
-    from pfedla_jax.training.loop import ExperimentConfig, RunOptions, run_experiment
-
     config = ExperimentConfig(algorithm="fedavg", dataset="synthetic", synthetic_per_class=40,
                               num_clients=4, classes_per_client=2, rounds=5, eval_every=1,
                               train=LocalTrainConfig(batch_size=16, lr=0.05))
@@ -157,19 +160,16 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     assert np.isfinite(summary["final"]["test_acc"])
 
 
-def test_diverging_cli_run_is_one_line_error(tmp_path):
-    p = _cli(BASE + ["--algorithm=pfedla", "--hn_cotangent=raw", "--hn_normalization=relu", "--hn_lr=1e30", "--rounds=3", f"--workdir={tmp_path}"])
-    assert p.returncode == 2
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: training diverged"), p.stderr[-2000:]
+def test_diverging_cli_run_is_one_line_error(tmp_path, capfd):
+    err = one_error_line(run_tool.main, ["experiments.run", *BASE, "--algorithm=pfedla", "--hn_cotangent=raw",
+                                         "--hn_normalization=relu", "--hn_lr=1e30", "--rounds=3",
+                                         f"--workdir={tmp_path}"], capfd)
+    assert err.startswith("error: training diverged"), err
 
 
 def test_extending_rounds_equals_one_longer_run(tmp_path):
     """rounds=3 (last round evaluated although eval_every=2), then --rounds=4 in the same
     workdir: the files equal a straight 4-round run (rows 2 and 4, not 2, 3, 4)."""
-    from pfedla_jax.core.local_training import LocalTrainConfig
-    from pfedla_jax.training.loop import ExperimentConfig, RunOptions, run_experiment
-
     def config(rounds):
         return ExperimentConfig(algorithm="pfedla", dataset="synthetic", synthetic_per_class=40,
                                 num_clients=3, classes_per_client=2, rounds=rounds, eval_every=2,

@@ -3,6 +3,8 @@
 The tool runs real experiments.run processes on synthetic data (the preset's real-FMNIST
 settings overridden through --run_flags); its numbers are checked against each run's own
 metrics.jsonl, mean and std recomputed here with numpy, the paper column against the paper.
+Bad input is checked in process (the tool's flags parsed as its program parses them, then
+`make_table`), and through the program for a few (one `error:` line, exit 2).
 """
 
 import csv
@@ -17,8 +19,10 @@ import time
 
 import numpy as np
 import pytest
+from absl import flags
 
 from experiments import table
+from pfedla_jax.errors import UserInputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ("--dataset=synthetic --synthetic_per_class=40 --num_clients=4 --samples_per_client=0 "
@@ -47,7 +51,7 @@ TABLE_PRESETS = sorted(glob.glob(os.path.join(table.PRESET_DIR, "table[12]_*.fla
 def test_every_table_preset_gives_the_paper_number_of_every_row(path):
     preset = table.read_preset(path)
     has_bn = table.model_has_bn(preset.flags)
-    expected = {k for k in table.METHOD_KEYS if k != "fedbn" or has_bn}
+    expected = {k for k, m in table.methods().items() if has_bn or not m.needs_batchnorm}
     assert set(preset.paper) == expected, (preset.name, set(preset.paper) ^ expected)
     for mean, std in preset.paper.values():
         assert 10 < mean < 100 and 0 < std < 5
@@ -56,7 +60,7 @@ def test_every_table_preset_gives_the_paper_number_of_every_row(path):
 def test_paper_numbers_parse_the_papers_fmnist_cells():
     t1 = table.read_preset(table.resolve_preset("table1_fmnist_n10_small")).paper
     t2 = table.read_preset(table.resolve_preset("table2_fmnist_n10_small")).paper
-    # the paper's Table 1 / Table 2, FMNIST 10 clients (digest §8.1, §8.2)
+    # the paper's Table 1 / Table 2, FMNIST 10 clients
     assert t1 == {"local": (85.83, 0.17), "fedavg": (91.24, 0.98), "perfedavg": (93.63, 1.83),
                   "pfedme": (90.43, 0.86), "pfedhn": (94.83, 0.33), "fedrep": (93.17, 0.26),
                   "fedfomo": (86.17, 0.34), "pfedla": (94.34, 0.29), "heurpfedla": (95.47, 0.47)}
@@ -68,7 +72,7 @@ def test_paper_numbers_parse_the_papers_fmnist_cells():
 
 
 def test_methods_and_budget(tmp_path):
-    assert table.parse_methods("all", has_bn=False) == [k for k in table.METHOD_KEYS if k != "fedbn"]
+    assert table.parse_methods("all", has_bn=False) == [k for k in table.methods() if k != "fedbn"]
     assert "fedbn" in table.parse_methods("all", has_bn=True)
     assert table.parse_methods("pfedla,local", has_bn=False) == ["local", "pfedla"]  # the paper's order
     assert table.model_has_bn(["--dataset=tfds:cifar10"]) and not table.model_has_bn(["--dataset=fmnist"])
@@ -104,6 +108,7 @@ def test_aggregate_and_order_differences_by_hand():
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow  # starts the tool, which starts 4 runs (twice)
 def test_two_methods_two_seeds_numbers_are_the_runs_metrics(tmp_path):
     out = tmp_path / "t"
     args = ["--preset=table1_fmnist_n10_small", "--seeds=0,1", "--methods=fedavg,local",
@@ -144,6 +149,7 @@ def test_two_methods_two_seeds_numbers_are_the_runs_metrics(tmp_path):
     assert json.loads((out / "table.json").read_text())["rows"] == data["rows"]
 
 
+@pytest.mark.slow  # starts the tool (three times)
 def test_a_killed_table_resumes_to_the_uninterrupted_numbers(tmp_path):
     run_flags = f"{TINY} --rounds=40 --checkpoint_every=1"
     args = ["--preset=table1_fmnist_n10_small", "--seeds=0", "--methods=fedavg", f"--run_flags={run_flags}"]
@@ -189,7 +195,35 @@ BAD = [
 ]
 
 
+def _refusal(args) -> str:
+    """What the tool refuses, in process: its flags parsed as its program parses them (a
+    fresh FlagValues), then `make_table` (which plans and checks before it runs anything).
+    Returns the message of the error that `main` prints as one `error:` line."""
+    values = flags.FlagValues()
+    table.define_flags(values)
+    try:
+        values(["experiments.table", *args])
+        table.make_table(values.preset, values.seeds, values.methods, values.budget, values.table_dir,
+                         values.run_flags, values.jobs, imports=values["import"].value)
+    except (flags.Error, table.TableError, UserInputError) as e:
+        return str(e)
+    raise AssertionError(f"accepted: {args}")
+
+
 @pytest.mark.parametrize("args,needle", BAD, ids=[b[1][:24] for b in BAD])
+def test_bad_input_is_one_line(tmp_path, args, needle):
+    message = _refusal([*args, f"--table_dir={tmp_path / 't'}"])
+    assert "\n" not in message and needle in message, message
+    assert not (tmp_path / "t").exists()  # nothing was run or written
+
+
+# through the program: a bad flag value (absl's parse), a refusal of make_table
+PROGRAM_BAD = [(["--preset=table1_fmnist_n10_small", "--rounds=3"], "rounds"),
+               (["--preset=nosuch"], "unknown --preset 'nosuch'")]
+
+
+@pytest.mark.slow  # starts a process
+@pytest.mark.parametrize("args,needle", PROGRAM_BAD, ids=[b[1][:24] for b in PROGRAM_BAD])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     p = _tool([*args, f"--table_dir={tmp_path / 't'}"], timeout=60)
     assert p.returncode == 2, (p.returncode, p.stdout[-500:], p.stderr[-1500:])
@@ -198,6 +232,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     assert not (tmp_path / "t").exists()  # nothing was run or written
 
 
+@pytest.mark.slow  # starts the tool, which starts 2 runs
 def test_a_failed_run_is_reported_and_the_rest_tabulated(tmp_path):
     # Local's workdir already holds another run (a FedAvg config): experiments.run refuses it
     # at run time; FedAvg runs; the table has FedAvg's row, Local's is empty; exit status 1

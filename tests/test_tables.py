@@ -1,4 +1,8 @@
-"""Multi-seed tables: the library against hand computation, and a tiny sweep end to end."""
+"""Multi-seed tables: the library against hand computation, and a tiny sweep end to end.
+
+`experiments.sweep` runs in this process (its `main`, what `python -m experiments.sweep`
+runs); one bad input also through the program (one `error:` line, exit 2).
+"""
 
 import json
 import os
@@ -8,7 +12,9 @@ import sys
 
 import pytest
 
+from experiments import sweep
 from pfedla_jax.training.tables import format_seed_table, seed_table
+from tests.helpers import one_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,16 +38,15 @@ def test_seed_table_matches_hand_computation():
     assert "final test_acc" in text and "best-round test_acc" in text
 
 
-def test_sweep_over_seeds_writes_the_table(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+@pytest.mark.slow  # four training runs
+def test_sweep_over_seeds_writes_the_table(tmp_path, capfd):
     root = tmp_path / "sweep"
-    p = subprocess.run(
-        [sys.executable, "-m", "experiments.sweep", "--dataset=synthetic", "--synthetic_per_class=40",
-         "--num_clients=3", "--classes_per_client=2", "--rounds=2", "--batch_size=16", "--lr=0.05",
-         "--seeds=0,1", f"--sweep_dir={root}", "--run=local:algorithm=local",
-         "--run=fedavg:algorithm=fedavg"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    capfd.readouterr()
+    sweep.main(["experiments.sweep", "--dataset=synthetic", "--synthetic_per_class=40",
+                "--num_clients=3", "--classes_per_client=2", "--rounds=2", "--batch_size=16", "--lr=0.05",
+                "--seeds=0,1", f"--sweep_dir={root}", "--run=local:algorithm=local",
+                "--run=fedavg:algorithm=fedavg"])
+    stdout = capfd.readouterr().out
     data = json.loads((root / "seeds.json").read_text())
     by_name = {e["name"]: e for e in data["table"]}
     for name in ("local", "fedavg"):
@@ -51,10 +56,10 @@ def test_sweep_over_seeds_writes_the_table(tmp_path):
         assert by_name[name]["test_acc_mean"] == pytest.approx(statistics.fmean(finals))
     assert "local_test_acc_mean" in by_name["fedavg"]
     assert (root / "seeds.md").read_text().startswith("| run | seeds |")
-    assert "mean ± std over seeds [0, 1]" in p.stdout
+    assert "mean ± std over seeds [0, 1]" in stdout
 
 
-@pytest.mark.parametrize("args,pattern", [
+SWEEP_BAD = [
     (["--seeds=a,b", "--run=x:algorithm=local"], "seeds"),
     (["--seeds=1,1", "--run=x:algorithm=local"], "distinct"),
     ([], "--run"),
@@ -63,12 +68,21 @@ def test_sweep_over_seeds_writes_the_table(tmp_path):
     (["--run=x:rounds=2.5"], "integer"),
     (["--run=x:train=5"], "group"),
     (["--seeds=0,1", "--run=x:seed=5"], "sets seed"),
-])
-def test_sweep_bad_input_is_one_line(args, pattern):
+]
+
+
+@pytest.mark.parametrize("args,pattern", SWEEP_BAD)
+def test_sweep_bad_input_is_one_line(args, pattern, capfd):
+    line = one_error_line(sweep.main, ["experiments.sweep", "--dataset=synthetic", *args], capfd)
+    assert pattern in line, line
+
+
+@pytest.mark.slow  # starts a process
+def test_sweep_program_bad_input_is_one_line_and_exit_2():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-m", "experiments.sweep", "--dataset=synthetic", *args],
+    p = subprocess.run([sys.executable, "-m", "experiments.sweep", "--dataset=synthetic",
+                        "--run=x:no_such_field=1"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0], err
-
+    assert len(err) == 1 and err[0].startswith("error: ") and "no_such_field" in err[0], err

@@ -47,7 +47,9 @@ from experiments.torch_baseline import (
 )
 from experiments.torch_baseline.parity import disjoint_splits, plan_order as _plan_order, row as _row
 from experiments.torch_baseline.device import no_tf32, tf32_settings
-from pfedla_jax.algorithms import FedAvg, FLContext, PFedLA, PFedLAConfig
+from pfedla_jax.algorithms import FLContext
+from pfedla_jax.algorithms.fedavg import FedAvg
+from pfedla_jax.algorithms.pfedla import PFedLA, PFedLAConfig
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.data.store import normalize_images
@@ -75,7 +77,7 @@ TORCH_DEVICES = [
     pytest.param("cpu", id="torch-cpu"),
     pytest.param("cuda", id="torch-cuda", marks=pytest.mark.skipif(
         not CUDA, reason=f"torch {torch.__version__} sees no CUDA device (CPU-only build or no "
-                         "GPU): the CUDA parity runs on a GPU machine (also in experiments.gpu_check)")),
+                         "GPU): the CUDA parity runs on a GPU machine (also in experiments.bench.gpu_check)")),
 ]
 
 
@@ -209,6 +211,7 @@ PFEDLA_CASES = [  # (each case compiles its own JAX server steps: a few, for the
 ]
 
 
+@pytest.mark.slow  # compiles a round per case
 @pytest.mark.parametrize("semantics,use_bn,granularity,heur_k", PFEDLA_CASES)
 @pytest.mark.parametrize("torch_device", TORCH_DEVICES)
 def test_pfedla_round_parity(semantics, use_bn, granularity, heur_k, torch_device):
@@ -289,6 +292,7 @@ def test_pfedla_round_parity(semantics, use_bn, granularity, heur_k, torch_devic
         jax.tree.leaves(trained), jax.tree.leaves(start))) > 1e-2
 
 
+@pytest.mark.slow  # compiles a round
 @pytest.mark.parametrize("torch_device", TORCH_DEVICES)
 def test_fedavg_round_parity_bn(torch_device):
     """FedAvg with the BN model (BN scale/bias averaged, running statistics kept local)."""

@@ -27,7 +27,8 @@ import numpy as np
 from experiments.torch_baseline.fedrep import FedRepServer, train_phase
 from experiments.torch_baseline.fl import LocalConfig, shuffled_batches, synthetic_client_data
 from experiments.torch_baseline.model import CNNTarget, params_from_jax, params_to_jax
-from pfedla_jax.algorithms import FedRep, FedRepConfig, FLContext
+from pfedla_jax.algorithms import FLContext
+from pfedla_jax.algorithms.fedrep import FedRep, FedRepConfig
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.models import layer_names
 from tests.test_torch_parity import (  # noqa: F401  (_full_fp32: an autouse fixture)
@@ -82,6 +83,7 @@ def _max_diff(a, b):
                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)), default=0.0)
 
 
+@pytest.mark.slow  # compiles a round and an evaluation per case
 @pytest.mark.parametrize("use_bn,momentum", [pytest.param(False, 0.0, id="gray-sgd"),
                                              pytest.param(True, 0.5, id="bn-momentum")])
 @pytest.mark.parametrize("torch_device", TORCH_DEVICES)

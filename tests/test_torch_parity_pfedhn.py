@@ -105,6 +105,7 @@ CASES = [  # (each case compiles one round program: two, for the CPU budget)
 ]
 
 
+@pytest.mark.slow  # compiles a round per case
 @pytest.mark.parametrize("semantics,use_bn,clip", CASES)
 @pytest.mark.parametrize("torch_device", TORCH_DEVICES)
 def test_pfedhn_round_parity(semantics, use_bn, clip, torch_device):

@@ -1,8 +1,12 @@
-"""A workdir's files describe exactly one run: the one its config.json names.
+"""training/workdir/__init__.py, the workdir contract: a workdir's files describe exactly
+one run, the one its config.json names.
 
 Whatever sequence of commands made the workdir (interrupted and resumed, finished and
 extended, overwritten by another algorithm, run twice), every file, TensorBoard event and
-plot in it comes from that run: the same as one uninterrupted run of that config.
+plot in it comes from that run: the same as one uninterrupted run of that config. The
+writers' own tests: test_workdir_checkpoints.py, test_workdir_metrics.py (metrics, exports
+and events on resume), test_workdir_exports.py, test_workdir_tensorboard.py,
+test_workdir_tfrecord.py.
 """
 
 import collections
@@ -12,47 +16,30 @@ import os
 import numpy as np
 import pytest
 
+from experiments import plots
+from pfedla_jax.core.local_training import LocalTrainConfig
+from pfedla_jax.errors import UserInputError
 from pfedla_jax.training import workdir as wd
+from pfedla_jax.training.loop import ExperimentConfig, RunOptions, run_experiment
 
 TIMING_KEYS = {"round_seconds", "eval_seconds"}
 TIMING_TAGS = {"round/seconds", "round/examples_per_second", "eval/round_seconds", "eval/eval_seconds"}
 
 
-# ----------------------------------------------------------------------------- TensorBoard files
+# ----------------------------------------------------------------------------- the contract
 
 
-def test_event_files_are_tensorboards_format(tmp_path):
-    """EventFile writes the records tensorboardX's SummaryWriter writes (byte for byte), and
-    read_scalar_events reads both, stopping at a record cut by an interruption."""
-    from tensorboardX import SummaryWriter
+class _Config:
+    """What prepare_workdir and write_config need of an ExperimentConfig."""
 
-    scalars = [("round/train_loss", 2.25, 1, 1000.5), ("eval/test_acc", 0.125, 2, 1001.25),
-               ("eval/alpha_self/FC1", 0.5, 2, 1002.0)]
-    ref = SummaryWriter(str(tmp_path / "ref"))
-    for tag, value, step, wall in scalars:
-        ref.add_scalar(tag, value, step, walltime=wall)
-    ref.close()
-    (ours_dir := tmp_path / "ours").mkdir()
-    ours = wd.EventFile(str(ours_dir / "events.out.tfevents.0000000001.host"))
-    for tag, value, step, wall in scalars:
-        ours.scalar(tag, value, step, wall)
-    ours.close()
-    expected = [(tag, step, value, wall) for tag, value, step, wall in scalars]
-    assert wd.read_scalar_events(str(tmp_path / "ref")) == expected
-    assert wd.read_scalar_events(str(ours_dir)) == expected
-    ref_bytes = (tmp_path / "ref" / wd.event_files(str(tmp_path / "ref"))[0]).read_bytes()
-    our_bytes = (ours_dir / wd.event_files(str(ours_dir))[0]).read_bytes()
-    first = lambda b: 16 + int.from_bytes(b[:8], "little")  # after the file_version record
-    assert our_bytes[first(our_bytes):] == ref_bytes[first(ref_bytes):]
-    # a record cut short: it and what follows are not read; the file's other events are
-    path = ours_dir / wd.event_files(str(ours_dir))[0]
-    path.write_bytes(our_bytes[:-3])
-    assert wd.read_scalar_events(str(ours_dir)) == expected[:2]
+    def __init__(self, **fields):
+        self.fields = {"algorithm": "pfedla", "rounds": 8, "train": {"lr": 0.05}, **fields}
+
+    def to_dict(self):
+        return json.loads(json.dumps(self.fields))
 
 
 def test_unreadable_config_is_a_one_line_error(tmp_path):
-    from pfedla_jax.errors import UserInputError
-
     (tmp_path / "config.json").write_text('{"algorithm": "pf')  # cut by an older, non-atomic write
     with pytest.raises(UserInputError, match="unreadable config.json.*--overwrite") as e:
         wd.prepare_workdir(str(tmp_path), _config(), overwrite=False)
@@ -60,19 +47,61 @@ def test_unreadable_config_is_a_one_line_error(tmp_path):
     assert wd.prepare_workdir(str(tmp_path), _config(), overwrite=True) is False
 
 
-def _write_attempt(workdir, rounds, eval_every, start=0, keep=None, resume_round=None,
-                   tensorboard=True):
-    """What the loop writes for rounds start+1..rounds (no training): returns the writer."""
-    writer = wd.MetricsWriter(str(workdir), keep, resume_round, tensorboard)
-    exports = wd.ExportLog(str(workdir), "alpha", {"layers": np.array(["a"])}, keep)
-    for t in range(start + 1, rounds + 1):
-        writer.round_scalars(t, {"train_loss": 1.0 / t})
-        if t % eval_every == 0 or t == rounds:
-            writer.evaluation({"round": t, "test_acc": t / 10, "test_acc_per_client": [t / 10]})
-            exports.append(t, {"alpha": np.full((2,), float(t))})
-    exports.save()
-    writer.close()
-    return writer
+def test_config_is_pinned_and_only_rounds_may_change(tmp_path):
+    """A new workdir is not resumable; after write_config, the same config (or more rounds)
+    resumes and another one is refused with the differing fields; results without a
+    config.json are refused. config.json is indented JSON of to_dict(), written atomically."""
+    w = str(tmp_path / "run")
+    assert wd.prepare_workdir(w, _Config(), overwrite=False) is False
+    assert os.listdir(w) == []  # prepare_workdir writes nothing
+    wd.write_config(w, _Config())
+    assert (tmp_path / "run" / "config.json").read_text() == json.dumps(_Config().to_dict(), indent=2)
+    assert os.listdir(w) == ["config.json"]
+    assert wd.prepare_workdir(w, _Config(rounds=20), overwrite=False) is True
+    with pytest.raises(UserInputError, match=r"different configuration \(train.lr: 0.05 -> 0.1\); "
+                                             "use another --workdir or --overwrite"):
+        wd.prepare_workdir(w, _Config(rounds=20, train={"lr": 0.1}), overwrite=False)
+    # nested fields by dotted name; a field added with the value None is no difference
+    assert wd.config_differences({"a": 1, "b": {"c": 2}}, {"b": {"c": 3}, "d": 0, "e": None}) == [
+        "a: 1 -> '<unset>'", "b.c: 2 -> 3", "d: '<unset>' -> 0"]
+    os.remove(os.path.join(w, "config.json"))
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    with pytest.raises(UserInputError, match="results without a config.json"):
+        wd.prepare_workdir(w, _Config(), overwrite=False)
+
+
+def test_overwrite_removes_what_the_run_wrote_and_nothing_else(tmp_path):
+    """--overwrite: the run's files, every algorithm's export file, the temporary files of an
+    interrupted atomic write and the checkpoints/, tb/, plots/ folders go; other files stay.
+    Only the primary process removes anything."""
+    run_files = ["config.json", "metrics.jsonl", "metrics.csv", "summary.json", "partition.json",
+                 "alpha.npz", "metrics.jsonl.tmp", "config.json.tmp", "alpha.tmp.npz"]
+    for name in run_files + ["notes.txt"]:
+        (tmp_path / name).write_text("{}")
+    for name in ("checkpoints/1", "tb", "plots"):
+        os.makedirs(tmp_path / name)
+    assert wd.prepare_workdir(str(tmp_path), _Config(), overwrite=True, primary=False) is False
+    assert len(os.listdir(tmp_path)) == len(run_files) + 4
+    assert wd.prepare_workdir(str(tmp_path), _Config(), overwrite=True) is False
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_kept_round_summaries_and_finished_outputs(tmp_path):
+    # resuming after round 5 of a run extended to 8 (eval_every 2): rows 2, 4 stay, the old
+    # final row 5 and anything after the checkpoint go; the final round of the run stays
+    assert [r for r in range(1, 9) if wd.kept_round(r, resume_round=5, eval_every=2, rounds=8)] == [2, 4]
+    assert [r for r in range(1, 9) if wd.kept_round(r, resume_round=8, eval_every=3, rounds=8)] == [3, 6, 8]
+    assert wd.read_summary(str(tmp_path)) is None
+    wd.write_summary(str(tmp_path), {"final": {"round": 2}, "x": [1.5]})
+    assert (tmp_path / "summary.json").read_text() == json.dumps({"final": {"round": 2}, "x": [1.5]}, indent=2)
+    assert wd.read_summary(str(tmp_path)) == {"final": {"round": 2}, "x": [1.5]}
+    (tmp_path / "summary.json").write_text('{"fin')
+    assert wd.read_summary(str(tmp_path)) is None  # unreadable: as absent
+    os.makedirs(tmp_path / "plots")
+    (tmp_path / "plots" / "accuracy.png").write_bytes(b"")
+    (tmp_path / "metrics.jsonl").write_text("")
+    wd.remove_finished_outputs(str(tmp_path))
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]
 
 
 def _steps(workdir):
@@ -83,61 +112,16 @@ def _steps(workdir):
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line)["round"] for line in f]
-
-
-def test_resume_rewrites_events_exports_and_rows_at_once(tmp_path):
-    """Extending a finished run drops its final row everywhere as soon as the run resumes
-    (TensorBoard, metrics, CSV, alpha), before any new round; an interrupted attempt's
-    events past the checkpoint go too, also when TensorBoard is off for the resumed run."""
-    w = str(tmp_path)
-    _write_attempt(w, rounds=5, eval_every=2)  # a finished 5-round run: evaluations 2, 4, 5
-    assert _steps(w)["eval/test_acc"] == [2, 4, 5]
-    keep = lambda r: wd.kept_round(r, resume_round=5, eval_every=2, rounds=8)
-    # --rounds=8 resumes after round 5; it is interrupted before writing anything
-    writer = wd.MetricsWriter(w, keep, 5, tensorboard=True)
-    wd.ExportLog(w, "alpha", {"layers": np.array(["a"])}, keep)
-    writer.close()
-    assert _rows(w) == [2, 4]
-    assert [int(r.split(",")[0]) for r in (tmp_path / "metrics.csv").read_text().split()[1:]] == [2, 4]
-    assert np.load(tmp_path / "alpha.npz")["round"].tolist() == [2, 4]
-    assert _steps(w) == {"eval/test_acc": [2, 4], "round/train_loss": [1, 2, 3, 4, 5]}
-    assert len(wd.event_files(os.path.join(w, "tb"))) == 1  # a run found again adds no file
-    # the extension runs rounds 6..8 but is killed after round 8's evaluation, before its
-    # checkpoint (the last is round 6): the resume drops round 7 and 8's events
-    _write_attempt(w, rounds=8, eval_every=2, start=5, keep=keep, resume_round=5)
-    assert _steps(w)["eval/test_acc"] == [2, 4, 6, 8]
-    keep6 = lambda r: wd.kept_round(r, resume_round=6, eval_every=2, rounds=8)
-    wd.MetricsWriter(w, keep6, 6, tensorboard=False).close()
-    wd.ExportLog(w, "alpha", {"layers": np.array(["a"])}, keep6)
-    assert _steps(w) == {"eval/test_acc": [2, 4, 6], "round/train_loss": [1, 2, 3, 4, 5, 6]}
-    assert _rows(w) == [2, 4, 6]
-    assert np.load(tmp_path / "alpha.npz")["round"].tolist() == [2, 4, 6]
-    # an extension of a 1-round run keeps no alpha row: the file goes
-    w1 = str(tmp_path / "one")
-    os.makedirs(w1)
-    _write_attempt(w1, rounds=1, eval_every=2)
-    wd.ExportLog(w1, "alpha", {}, lambda r: wd.kept_round(r, resume_round=1, eval_every=2, rounds=3))
-    assert not os.path.exists(os.path.join(w1, "alpha.npz"))
-
-
 # ----------------------------------------------------------------------------- real runs
 
 
 def _config(algorithm="pfedla", rounds=8, eval_every=2):
-    from pfedla_jax.core.local_training import LocalTrainConfig
-    from pfedla_jax.training.loop import ExperimentConfig
-
     return ExperimentConfig(algorithm=algorithm, dataset="synthetic", synthetic_per_class=40,
                             num_clients=3, classes_per_client=2, rounds=rounds, eval_every=eval_every,
                             participation=2 / 3, train=LocalTrainConfig(batch_size=16, local_steps=2, lr=0.05))
 
 
 def _run(config, workdir, log=None, **options):
-    from pfedla_jax.training.loop import RunOptions, run_experiment
-
     options.setdefault("checkpoint_every", 3)
     return run_experiment(config, str(workdir), log=log or (lambda s: None), options=RunOptions(**options))
 
@@ -154,8 +138,6 @@ def _events(workdir):
 
 
 def _plot(workdir, which=("accuracy", "alpha_heatmap")):
-    from experiments import plots
-
     return plots.make_plots(str(workdir), which=list(which))
 
 
@@ -163,6 +145,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_finished_run_extended_and_interrupted_equals_one_run(tmp_path):
     """--rounds=5 --eval_every=2 (evaluated at 2, 4 and its final round 5), plotted; then
     --rounds=8 in the same workdir, interrupted after round 8's evaluation (before its
@@ -225,6 +208,7 @@ def _snapshot(workdir):
     return out
 
 
+@pytest.mark.slow
 def test_same_command_twice_then_overwrite_with_another_algorithm(tmp_path):
     """A finished run found again changes nothing (summary, metrics, plots, checkpoints,
     events); --overwrite with FedAvg then leaves nothing of the pFedLA run: no alpha.npz, no
@@ -243,7 +227,6 @@ def test_same_command_twice_then_overwrite_with_another_algorithm(tmp_path):
     assert _events(w) == events
     assert sorted(os.listdir(w / "checkpoints")) == ["1", "2"]
     # fewer rounds than the checkpoint: refused, and the workdir still names its 2-round run
-    from pfedla_jax.errors import UserInputError
     with pytest.raises(UserInputError, match="already at round 2, past --rounds=1"):
         _run(_config(rounds=1, eval_every=1), w, checkpoint_every=1)
     assert json.loads((w / "config.json").read_text())["rounds"] == 2
@@ -271,22 +254,3 @@ def test_same_command_twice_then_overwrite_with_another_algorithm(tmp_path):
     assert len(wd.event_files(str(w / "tb"))) == 1
     paths = _plot(w, which=())
     assert sorted(os.listdir(w / "plots")) == ["accuracy.png", "label_histogram.png"], paths
-
-
-def test_checkpoint_of_another_state_structure_is_a_one_line_error(tmp_path):
-    """A checkpoint written with other state entries (e.g. by an older version that kept
-    pFedLA's delta_ref) is refused with a UserInputError naming the entry, not a raw orbax
-    ValueError."""
-    import jax.numpy as jnp
-
-    from pfedla_jax.errors import UserInputError
-
-    old = wd.Checkpoints(str(tmp_path), every=1)
-    old.save(1, {"client_params": jnp.ones(3), "delta_ref": jnp.zeros(2)}, {"k": np.ones(1)}, {"round": 1})
-    old.close()
-    new = wd.Checkpoints(str(tmp_path), every=1)
-    with pytest.raises(UserInputError, match="delta_ref.*another version"):
-        new.restore({"client_params": jnp.ones(3)})
-    step, state, _, _ = new.restore({"client_params": jnp.ones(3), "delta_ref": jnp.zeros(2)})
-    assert step == 1 and float(state["delta_ref"].sum()) == 0.0
-    new.close()

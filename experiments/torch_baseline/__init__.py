@@ -7,7 +7,7 @@
   fedrep.py        FedRep: FedRepServer (head epochs, then body epochs; body averaged)
   device.py        --torch_device (auto | cpu | cuda), TF32 off for comparisons, synchronize
   parity.py        one pFedLA round of JAX and of this reference from the same start, compared
-                   (used by experiments.gpu_check on the GPU)
+                   (used by experiments.bench.gpu_check on the GPU)
 
 Every server takes `device=` and runs the same code on the CPU or a CUDA device.
 

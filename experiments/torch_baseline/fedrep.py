@@ -7,7 +7,7 @@ client, clients trained one after another, the frozen part switched off with
 gradient and are skipped), the server holding state_dicts and averaging them in Python loops.
 
 Semantics (paper Alg. 1; official code lgcollins/FedRep `main_fedrep.py`,
-`models/Update.py`; FL-bench `src/{client,server}/fedrep.py`; baselines digest §4):
+`models/Update.py`; FL-bench `src/{client,server}/fedrep.py`):
 
   model = head (default: fc3, the last linear layer) o body (every other layer, BN
   weight/bias included)

@@ -10,11 +10,14 @@ code's hypernetwork rule (ReLU-normalised U(0, 1) heads, raw cotangent) with a l
 learning rate so that one round moves alpha visibly. Both sides compute in full float32
 (JAX matmul precision 'highest', torch TF32 off).
 
-Unlike the CPU test module this imports JAX and pfedla_jax (it is the comparison).
+It imports JAX and pfedla_jax beside torch (it is the comparison); the rest of
+experiments/torch_baseline/ needs torch alone.
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -22,6 +25,12 @@ from experiments.torch_baseline.device import no_tf32, resolve_device
 from experiments.torch_baseline.fl import ClientData, LocalConfig, PFedLAServer, aggregation_units
 from experiments.torch_baseline.hypernetwork import LayerWeightHypernetwork, hn_from_jax, hn_to_jax
 from experiments.torch_baseline.model import CNNTarget, params_from_jax, params_to_jax
+from pfedla_jax.algorithms import FLContext
+from pfedla_jax.algorithms.pfedla import PFedLA, PFedLAConfig
+from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
+from pfedla_jax.data import Partition, build_client_store, load_dataset
+from pfedla_jax.models import layer_names, make_cnn
+from pfedla_jax.models.hypernetwork import HNConfig, stacked_alpha
 
 # The tolerance of tests/test_torch_parity.py: largest |JAX - torch| over every stored model,
 # BN statistic, alpha and hypernetwork parameter after one round (measured on the CPU: 2.7e-6).
@@ -41,7 +50,6 @@ def plan_order(trainer, round_key):
 
 def row(tree, j):
     """Row j of every leaf of a stacked pytree, as numpy."""
-    import jax
 
     return jax.tree.map(lambda a: np.asarray(a)[j], tree)
 
@@ -65,8 +73,6 @@ def max_abs_diff(got, want) -> float:
     Raises:
       ValueError: the structures or a leaf's shape differ.
     """
-    import jax
-
     if jax.tree.structure(got) != jax.tree.structure(want):
         raise ValueError(f"different structures: {jax.tree.structure(got)} vs {jax.tree.structure(want)}")
     worst = 0.0
@@ -112,15 +118,6 @@ def pfedla_round_parity(use_bn: bool, device="auto", *, strategies=("vmap", "loo
     Raises:
       UserInputError: a CUDA `device` without CUDA, an unknown strategy.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from pfedla_jax.algorithms import FLContext, PFedLA, PFedLAConfig
-    from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
-    from pfedla_jax.data import Partition, build_client_store, load_dataset
-    from pfedla_jax.models import layer_names, make_cnn
-    from pfedla_jax.models.hypernetwork import HNConfig, stacked_alpha
-
     device = None if device is None else resolve_device(device)
     ds = load_dataset("synthetic_rgb" if use_bn else "synthetic", synthetic_per_class=60, seed=0)
     train, test = disjoint_splits(len(ds.labels), sizes)

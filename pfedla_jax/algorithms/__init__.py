@@ -2,30 +2,21 @@
 
 Every module of this package is imported here, so an algorithm module that registers
 itself (`@registry.register(name, config_class)`) is available by name without editing
-any other file.
+any other file; the classes are reached through the registry (`algorithm_class(name)`)
+or their modules (`pfedla_jax.algorithms.pfedla.PFedLA`).
 """
 
 import importlib
 import pkgutil
 
-from pfedla_jax.algorithms.base import Algorithm, Evaluation, FLContext, NoConfig
-from pfedla_jax.algorithms.registry import algorithm_class, algorithm_names, register
+from pfedla_jax.algorithms.base import (Algorithm, AlgorithmConfig, Evaluation, FLContext,
+                                        NoConfig, TableRow)
+from pfedla_jax.algorithms.registry import (algorithm_class, algorithm_names, config_fields,
+                                            register)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("base", "registry"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-from pfedla_jax.algorithms.fedavg import FedAvg  # noqa: E402
-from pfedla_jax.algorithms.fedbn import FedBN, FedBNConfig  # noqa: E402
-from pfedla_jax.algorithms.fedfomo import FedFomo, FedFomoConfig  # noqa: E402
-from pfedla_jax.algorithms.fedrep import FedRep, FedRepConfig  # noqa: E402
-from pfedla_jax.algorithms.local import Local  # noqa: E402
-from pfedla_jax.algorithms.perfedavg import PerFedAvg, PerFedAvgConfig  # noqa: E402
-from pfedla_jax.algorithms.pfedhn import PFedHN, PFedHNConfig  # noqa: E402
-from pfedla_jax.algorithms.pfedla import PFedLA, PFedLAConfig  # noqa: E402
-from pfedla_jax.algorithms.pfedme import PFedMe, PFedMeConfig  # noqa: E402
-
-__all__ = ["Algorithm", "Evaluation", "FLContext", "FedAvg", "FedBN", "FedBNConfig", "FedFomo",
-           "FedFomoConfig", "FedRep", "FedRepConfig", "Local", "NoConfig", "PFedHN", "PFedHNConfig",
-           "PFedLA", "PFedLAConfig", "PFedMe", "PFedMeConfig", "PerFedAvg", "PerFedAvgConfig",
-           "algorithm_class", "algorithm_names", "register"]
+__all__ = ["Algorithm", "AlgorithmConfig", "Evaluation", "FLContext", "NoConfig", "TableRow",
+           "algorithm_class", "algorithm_names", "config_fields", "register"]

@@ -25,13 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfedla_jax.core.client_parallel import (client_sharding, make_mesh, padded_size, put_rows,
+from pfedla_jax.core.client_parallel import (client_sharding, padded_size, put_rows,
                                              replicated, take_rows)
 from pfedla_jax.core import multihost
 from pfedla_jax.core.evaluation import View
+from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.core.stacking import broadcast_clients, pad_clients, tree_bytes, unpad_clients
+from pfedla_jax.core.state_size import ModelDims, StateTerm
 from pfedla_jax.data.store import ClientStore
-from pfedla_jax.models import init_variables
+from pfedla_jax.models import count_params, init_variables
 
 INITS = ("common", "independent")
 
@@ -44,8 +46,7 @@ class FLContext:
       model: the client model (Flax module).
       layer_order: the model's layers in forward order.
       store: the client data.
-      trainer: the local trainer (core.local_training.ClientTrainer, or anything with its
-        `train(params, batch_stats, client_ids, round_key, store)`).
+      trainer: the local trainer; its config is `train`.
       num_clients: N.
       input_shape: (H, W, C) of one example.
       init: 'common' (one initial model for all clients) or 'independent'.
@@ -57,22 +58,26 @@ class FLContext:
     model: Any
     layer_order: tuple[str, ...]
     store: ClientStore
-    trainer: Any
+    trainer: ClientTrainer
     num_clients: int
     input_shape: tuple[int, int, int]
     init: str = "common"
     donate_state: bool = False
 
+    @property
+    def train(self) -> LocalTrainConfig:
+        """The local training config (batch size, epochs or steps, client optimizer)."""
+        return self.trainer.config
+
     @functools.cached_property
     def mesh(self):
         """The device mesh of the stacked state (the trainer's; one device by default)."""
-        mesh = getattr(self.trainer, "mesh", None)
-        return mesh if mesh is not None else make_mesh("loop")
+        return self.trainer.mesh
 
     @property
     def data(self) -> ClientStore:
         """The client data as placed on the mesh (what jitted rounds receive)."""
-        return getattr(self.trainer, "store", self.store)
+        return self.trainer.store
 
     @property
     def num_stored(self) -> int:
@@ -93,26 +98,69 @@ class FLContext:
         return copy(params), copy(stats)
 
     @functools.cached_property
+    def param_shapes(self) -> Any:
+        """One client's trainable params as `jax.ShapeDtypeStruct`s (nothing computed)."""
+        return jax.eval_shape(
+            lambda: init_variables(self.model, jax.random.key(0), self.input_shape))["params"]
+
+    @property
     def model_params(self) -> int:
         """Scalars in one client's trainable params."""
-        variables = jax.eval_shape(
-            lambda: init_variables(self.model, jax.random.key(0), self.input_shape))
-        return int(sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"])))
+        return count_params(self.param_shapes)
 
-    @functools.cached_property
+    @property
     def model_bytes(self) -> int:
         """Bytes of one client's trainable params (what one model transfer costs)."""
-        variables = jax.eval_shape(
-            lambda: init_variables(self.model, jax.random.key(0), self.input_shape))
-        return tree_bytes(variables["params"])
+        return tree_bytes(self.param_shapes)
 
 
 @dataclasses.dataclass(frozen=True)
-class NoConfig:
-    """The config of an algorithm without options."""
+class AlgorithmConfig:
+    """Base of every algorithm's options: a frozen dataclass, checked when it is built.
+
+    A subclass adds fields (each becomes the flag `--<algorithm>_<field>`; a nested
+    dataclass `--<algorithm>_<group>_<field>`; `metadata={'help': ..., 'alias': ...}` gives
+    the flag's help text and an additional historical name) and overrides `validate` (its
+    own fields) and `validate_training` (its fit with the local training, e.g. an epoch
+    split); both raise `UserInputError`. `__post_init__` runs `validate`, so a config that
+    exists is valid; `ExperimentConfig` runs `validate_training` when it pairs the two.
+    """
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
-        pass
+        """Raises UserInputError on a bad option."""
+
+    def validate_training(self, train: LocalTrainConfig) -> None:
+        """Raises UserInputError if the options do not fit the local training `train`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NoConfig(AlgorithmConfig):
+    """The config of an algorithm without options."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TableRow:
+    """A row of the method-comparison table (`experiments.table`).
+
+    Attributes:
+      key: the row's name in `--methods` (e.g. 'heurpfedla').
+      display: the row label (e.g. 'HeurpFedLA (k=1)'); the paper's numbers in a preset's
+        header are matched by it.
+      order: rows are listed by this number (the paper's order: Local 0 ... HeurpFedLA 9),
+        then by key; an algorithm without rows gets one row at 100.
+      options: the algorithm options of this row, {field path: value} (e.g. {'heur_k': 1}).
+      needs_batchnorm: the row is left out of `--methods=all` when the model has no
+        BatchNorm layer (FedBN: it would be FedAvg there).
+    """
+
+    key: str
+    display: str
+    order: float = 100.0
+    options: tuple[tuple[str, Any], ...] = ()
+    needs_batchnorm: bool = False
 
 
 @dataclasses.dataclass
@@ -138,17 +186,29 @@ class Algorithm(abc.ABC):
     `server_state_keys` (state entries without a client axis, e.g. FedAvg's global model;
     every other entry is per client) and, if they export arrays at evaluations,
     `export_name` (the file WORKDIR/<export_name>.npz) and `export_metadata()`.
+    Optional metadata: `display_name` (the method's usual name), `table_rows` (its rows of
+    the comparison table; default one row named `display_name`), the closed form of its
+    state's size (`state_size_terms`, `state_size_symbols`) and the config variants that
+    change its state (`state_size_variants`), for `experiments.bench.state_size`.
+
+    Raises (constructor): UserInputError if `config` does not fit `ctx.train` (the check
+    for a caller who builds an algorithm without an `ExperimentConfig`).
     """
 
     name: str = ""
     config_class: type = NoConfig
+    display_name: str = ""
+    table_rows: tuple[TableRow, ...] = ()
+    # {label suffix: options} of configs whose state differs from the default one's (e.g.
+    # pFedLA's Adam optimizer): rows '<name>+<suffix>' of the state-size report
+    state_size_variants: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     server_state_keys: tuple[str, ...] = ()
     export_name: str | None = None
 
     def __init__(self, ctx: FLContext, config: Any = None):
         self.ctx = ctx
         self.config = config if config is not None else self.config_class()
-        self.config.validate()
+        self.config.validate_training(ctx.train)
         self.trace_count = 0  # traces of round_step (one per compiled program)
         self._round_fn = None
         self._placed = None   # the last state `round` returned (placed on the mesh)
@@ -183,6 +243,30 @@ class Algorithm(abc.ABC):
         `key` is fold_in(evaluation key, round): for an evaluation that needs randomness
         (e.g. a personalisation step on a drawn batch).
         """
+
+    @classmethod
+    def rows(cls) -> tuple[TableRow, ...]:
+        """The algorithm's rows of the comparison table: the `table_rows` its own class sets
+        (a subclass does not inherit its parent's rows), or one row named after it."""
+        own = vars(cls)
+        if own.get("table_rows"):
+            return own["table_rows"]
+        return (TableRow(cls.name, own.get("display_name") or cls.name),)
+
+    @classmethod
+    def state_size_terms(cls, config: Any, dims: ModelDims) -> list[StateTerm] | None:
+        """The state of `init_state` in closed form, part by part, for options `config`
+        (an instance of `config_class`); None (the default): no formula, the state-size
+        report shows the measured `jax.eval_shape` bytes alone. The parts must add up, leaf
+        by leaf, to what `init_state` returns: tests/test_state_size.py checks it for every
+        registered algorithm that has a formula."""
+        return None
+
+    @classmethod
+    def state_size_symbols(cls, config: Any, dims: ModelDims) -> dict[str, int]:
+        """The values of the symbols the formulas use besides N, P and B (e.g. pFedLA's
+        L), shown with the report."""
+        return {}
 
     def describe(self) -> str:
         """A note for the run's first log line (e.g. 'FedBN is FedAvg here'); '' for none."""

@@ -1,7 +1,10 @@
-"""FedAvg (McMahan et al., 2017), and the partial-sharing FedAvg that FedBN and FedRep are.
+"""FedAvg (McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient
+Learning of Deep Networks from Decentralized Data", AISTATS 2017, Algorithm 1
+FederatedAveraging), and the partial-sharing FedAvg that FedBN and FedRep are.
 
 Each round: the participants start from the global model, train locally, and the server
-sets the global model to their average weighted by training-set size. BN running
+sets the global model to their average weighted by training-set size (Algorithm 1's
+w <- sum_k n_k / n w^k over the participants). BN running
 statistics stay with each client (never aggregated), as in every algorithm here.
 
 Evaluated two ways: '' = the global model on every client's test split (with that
@@ -12,7 +15,7 @@ in FedAvg): a participant starts from the global model's shared layers and its O
 stored local layers, only the shared layers are averaged and sent, and the personalised
 model ('') is the global shared layers with the client's own local layers. FedBN
 (fedbn.py: the BN layers) and FedRep (fedrep.py: the head) are this with a different
-`local_layers()` (baselines digest §3.5: one code path, parameterised by what is local).
+`local_layers()` (one code path, parameterised by what is local).
 """
 
 from __future__ import annotations
@@ -23,16 +26,25 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pfedla_jax.algorithms.base import Algorithm, Evaluation
+from pfedla_jax.algorithms.base import Algorithm, Evaluation, TableRow
 from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.aggregation import weighted_average
 from pfedla_jax.core.evaluation import View
-from pfedla_jax.models import init_variables
+from pfedla_jax.core.state_size import client_models_terms, server_model_term
 
 
 @register("fedavg")
 class FedAvg(Algorithm):
+    display_name = "FedAvg"
+    table_rows = (TableRow("fedavg", "FedAvg", order=1),)
+
     server_state_keys = ("global_params",)
+
+    @classmethod
+    def state_size_terms(cls, config, dims):
+        """Every client's model and BN statistics, and the global model (FedBN and FedRep
+        too: their local layers stay in the client models)."""
+        return [*client_models_terms(dims), server_model_term(dims)]
 
     # ------------------------------------------------------------------ what subclasses set
     def local_layers(self) -> tuple[str, ...]:
@@ -53,17 +65,14 @@ class FedAvg(Algorithm):
     def is_local(self) -> dict:
         """{layer: {leaf: bool}}: True for the leaves of the local layers."""
         local = set(self.local_layers())
-        shapes = jax.eval_shape(lambda: init_variables(self.ctx.model, jax.random.key(0),
-                                                       self.ctx.input_shape))["params"]
-        return {layer: jax.tree.map(lambda _: layer in local, leaves) for layer, leaves in shapes.items()}
+        return {layer: jax.tree.map(lambda _: layer in local, leaves)
+                for layer, leaves in self.ctx.param_shapes.items()}
 
     @functools.cached_property
     def shared_bytes(self) -> int:
         """Bytes of the shared (averaged, communicated) part of one model."""
-        shapes = jax.eval_shape(lambda: init_variables(self.ctx.model, jax.random.key(0),
-                                                       self.ctx.input_shape))["params"]
         sizes = jax.tree.map(lambda a, local: 0 if local else math.prod(a.shape) * a.dtype.itemsize,
-                             shapes, self.is_local)
+                             self.ctx.param_shapes, self.is_local)
         return int(sum(jax.tree.leaves(sizes)))
 
     def personalized(self, global_params, client_params):

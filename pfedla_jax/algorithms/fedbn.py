@@ -1,4 +1,6 @@
-"""FedBN (Li et al., ICLR 2021, Alg. 1; official code med-air/FedBN `communication`).
+"""FedBN (Li, Jiang, Zhang, Kamp, Dou, "FedBN: Federated Learning on Non-IID Features via
+Local Batch Normalization", ICLR 2021, Algorithm 1; official code med-air/FedBN
+`communication`).
 
 FedAvg in which every BatchNorm tensor stays with its client: the BN scale and bias (and
 the running statistics, which no algorithm here aggregates) are never averaged or sent;
@@ -26,6 +28,7 @@ import functools
 import jax.numpy as jnp
 
 from pfedla_jax.algorithms.fedavg import FedAvg
+from pfedla_jax.algorithms.base import AlgorithmConfig, TableRow
 from pfedla_jax.algorithms.registry import register
 from pfedla_jax.errors import check_choice
 from pfedla_jax.models import batchnorm_layers
@@ -34,7 +37,7 @@ WEIGHTINGS = ("train_size", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
-class FedBNConfig:
+class FedBNConfig(AlgorithmConfig):
     """FedBN's options."""
 
     weighting: str = dataclasses.field(default="train_size", metadata={
@@ -47,6 +50,9 @@ class FedBNConfig:
 
 @register("fedbn", FedBNConfig)
 class FedBN(FedAvg):
+    display_name = "FedBN"
+    table_rows = (TableRow("fedbn", "FedBN", order=5, needs_batchnorm=True),)
+
     @functools.cached_property
     def bn_layers(self) -> tuple[str, ...]:
         """The model's BatchNorm layers (by module type)."""

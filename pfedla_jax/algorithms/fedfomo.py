@@ -1,7 +1,7 @@
 """FedFomo (Zhang, Sapra, Fidler, Yeung, Alvarez, "Personalized Federated Learning with
-First Order Model Optimization", ICLR 2021, §3; official code NVlabs/FedFomo; FL-bench's
-src/{server,client}/fedfomo.py is the reference followed where the two disagree, baselines
-digest §5).
+First Order Model Optimization", ICLR 2021, §3: the weights w_n and the update; official
+code NVlabs/FedFomo; FL-bench's src/{server,client}/fedfomo.py is the reference followed where
+the two disagree, PFLlib's clientfomo.py the third one).
 
 Every client keeps its own full model; the server keeps the latest model of every client
 (the candidate pool), an affinity matrix P [N, N] and the exploration schedule. Each
@@ -35,7 +35,7 @@ Round t, all participants from ONE snapshot of the state (synchronous), for part
 Round 0: no client has uploaded, so every candidate counts for nothing and participants
 only train (FL-bench sends only the client's own model at round 0; NVlabs skips it).
 
-Defaults, where the references disagree (digest §5.2-5.3):
+Defaults, where the references disagree:
   num_candidates 0 = all N - 1 others: the paper's update with no selection heuristic, valid
       for every N (FL-bench/PFLlib use M = 5, the paper studies 5 and 10 of 15 clients:
       --fedfomo_num_candidates=5 for their budget);
@@ -54,15 +54,16 @@ Defaults, where the references disagree (digest §5.2-5.3):
 All candidate losses of the cohort are ONE batched evaluation: the participants through
 `for_each_client` (the trainer's strategy and mesh), each participant's M + 1 models
 (base, candidates) `vmap`ped over D_i^val, giving [S, M + 1]. Distances are computed
-from the differences directly (no Gram-matrix trick: digest §5.6).
+from the differences directly (not by |a|^2 + |b|^2 - 2<a, b>, which cancels
+catastrophically when the models are close, as they are early on).
 
 BN: running statistics stay with each client and are never mixed (FL-bench, PFLlib
 aggregate `parameters()` only); local training updates them. A candidate is scored with
 its OWN running statistics (`candidate_stats=own`, NVlabs/PFLlib load the whole module;
 `client` = the scoring client's statistics, FL-bench's).
 
-Evaluation: '' = each client's model after its latest local training (digest §5.4, the
-project default; FL-bench/PFLlib's test model); 'federated' = its model after its latest
+Evaluation: '' = each client's model after its latest local training (the project's
+default; FL-bench/PFLlib's test model); 'federated' = its model after its latest
 federated update, before local training (the NVlabs evaluation point; a client that never
 participated shows its initial model). The affinity matrix is exported at evaluations
 (WORKDIR/affinity.npz: affinity [E, N, N]).
@@ -91,13 +92,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfedla_jax.algorithms.base import Algorithm, Evaluation
+from pfedla_jax.algorithms.base import Algorithm, AlgorithmConfig, Evaluation, TableRow
 from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.client_parallel import for_each_client
 from pfedla_jax.core.client_update import masked_cross_entropy
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.local_training import ClientTrainer
 from pfedla_jax.core.multihost import host_array
+from pfedla_jax.core.state_size import StateTerm, client_models_terms, per_client_term
 from pfedla_jax.data.store import ClientStore, normalize_images
 from pfedla_jax.errors import UserInputError, check_choice
 
@@ -116,9 +118,8 @@ def _help(text: str) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class FedFomoConfig:
-    """FedFomo's options (CLI --fedfomo_<field>); defaults and sources: module docstring,
-    baselines digest §5.3."""
+class FedFomoConfig(AlgorithmConfig):
+    """FedFomo's options (CLI --fedfomo_<field>); defaults and sources: module docstring."""
 
     num_candidates: int = dataclasses.field(default=0, metadata=_help(
         "M, candidate models each participant downloads; 0 = all N - 1 other clients (no "
@@ -149,6 +150,11 @@ class FedFomoConfig:
     candidate_stats: str = dataclasses.field(default="own", metadata=_help(
         "BN running statistics a candidate is scored with: own (the candidate's; "
         "NVlabs/PFLlib) | client (the scoring client's; FL-bench)."))
+
+    def validation_examples(self, train_examples):
+        """round(val_fraction * n) (halves up): the validation examples of a client with n
+        training examples (int or numpy array)."""
+        return np.floor(np.asarray(train_examples, np.float64) * self.val_fraction + 0.5).astype(np.int64)
 
     def validate(self) -> None:
         """Raises UserInputError (one line naming the flag) on a bad option."""
@@ -299,8 +305,28 @@ def _span(values) -> str:
 # ---------------------------------------------------------------------------- the algorithm
 @register("fedfomo", FedFomoConfig)
 class FedFomo(Algorithm):
+    display_name = "FedFomo"
+    table_rows = (TableRow("fedfomo", "FedFomo", order=7),)
     server_state_keys = ("affinity", "uploaded", "split")
     export_name = "affinity"
+
+    @classmethod
+    def state_size_terms(cls, config, dims):
+        """Two models and BN statistics per client (the latest trained, the federated
+        start), and the server's affinity P [N, N], uploaded flags [N] and the validation
+        split's index tables [N, W - V] and [N, V] (W training examples per client)."""
+        client, stats = client_models_terms(dims)
+        width = dims.train + int(config.validation_examples(dims.train))
+        return [client, per_client_term("client params", "start_params", dims.P, "P"), stats,
+                per_client_term("BN statistics", "start_stats", dims.B, "B"),
+                StateTerm("other", "affinity", "4·N²", False, lambda n: 4 * n * n),
+                StateTerm("other", "uploaded", "N", False, lambda n: n),
+                StateTerm("other", "split", "4·N·(W + V)", False, lambda n: 4 * n * width)]
+
+    @classmethod
+    def state_size_symbols(cls, config, dims):
+        """W training examples per client, V = round(val_fraction W) of them for validation."""
+        return {"W": dims.train, "V": int(config.validation_examples(dims.train))}
 
     def __init__(self, ctx, config=None):
         super().__init__(ctx, config)
@@ -312,7 +338,7 @@ class FedFomo(Algorithm):
             raise UserInputError(f"--fedfomo_num_candidates={cfg.num_candidates} exceeds the "
                                  f"N - 1 = {n - 1} other clients")
         counts = np.asarray(jax.device_get(ctx.store.train_count)).astype(np.int64)
-        num_val = np.floor(counts * cfg.val_fraction + 0.5).astype(np.int64)   # nearest
+        num_val = cfg.validation_examples(counts)
         if np.any(num_val < 1):
             c = int(np.argmin(num_val))
             raise UserInputError(f"--fedfomo_val_fraction={cfg.val_fraction} gives client {c} "
@@ -328,8 +354,7 @@ class FedFomo(Algorithm):
         # batch count comes from these counts; the index table is passed every round)
         base = ctx.trainer
         store = ctx.data.replace(train_count=jnp.asarray(self.num_train))
-        self.trainer = ClientTrainer(ctx.model, store, base.config, base.strategy,
-                                     update=getattr(base, "update", None))
+        self.trainer = ClientTrainer(ctx.model, store, ctx.train, base.strategy, update=base.update)
         # under vmap at most ~_MODELS_AT_ONCE models (participants x (M' + 1)) are scored at
         # once (N = 100 with all 99 candidates: one participant at a time)
         width = self.num_candidates + int(cfg.include_self) + 1

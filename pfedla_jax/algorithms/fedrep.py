@@ -1,4 +1,6 @@
-"""FedRep (Collins et al., ICML 2021, Alg. 1; official code lgcollins/FedRep).
+"""FedRep (Collins, Hassani, Mokhtari, Shakkottai, "Exploiting Shared Representations for
+Personalized Federated Learning", ICML 2021, Algorithm 1; official code lgcollins/FedRep,
+models/Update.py `LocalUpdate.train`).
 
 The model is a body (shared representation) followed by a head (here FC3, the last
 layer; `--fedrep_head` names the head layers). The body is global; each client keeps its
@@ -19,7 +21,7 @@ pass updates them, in both phases.
 Split default: (E - 1) head epochs + 1 body epoch, FL-bench's convention: the total number
 of passes equals every other method's E (the official scripts train 10 head + 1 or 5 body
 epochs, i.e. 11 or 15 passes: --local_epochs=11 --fedrep_body_epochs=1; PFLlib trains 1
-head epoch then E body epochs). Baselines digest §4.2.
+head epoch then E body epochs).
 
 Evaluation: '' = the latest global body with each client's own head (the official code's
 and FL-bench's test model); 'local' = each client's model after its latest local training
@@ -34,6 +36,7 @@ import functools
 import jax
 
 from pfedla_jax.algorithms.fedavg import FedAvg
+from pfedla_jax.algorithms.base import AlgorithmConfig, TableRow
 from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.client_update import PhaseMasks, sgd_update
 from pfedla_jax.core.local_training import make_optimizer
@@ -42,8 +45,8 @@ from pfedla_jax.models import LAYER_ORDER
 
 
 @dataclasses.dataclass(frozen=True)
-class FedRepConfig:
-    """FedRep's options (BUILD_NOTES §3 for the defaults)."""
+class FedRepConfig(AlgorithmConfig):
+    """FedRep's options (the defaults: the module docstring)."""
 
     head: str = dataclasses.field(default="FC3", metadata={
         "help": "FedRep: the head layers, kept by each client (comma-separated, of "
@@ -79,9 +82,11 @@ class FedRepConfig:
 
 @register("fedrep", FedRepConfig)
 class FedRep(FedAvg):
+    display_name = "FedRep"
+    table_rows = (TableRow("fedrep", "FedRep", order=6),)
+
     def __init__(self, ctx, config=None):
         super().__init__(ctx, config)
-        self.config.validate_training(ctx.trainer.config)
         missing = [name for name in self.config.head_layers if name not in ctx.layer_order]
         if missing:
             raise UserInputError(f"--fedrep_head: the model has no layer {missing[0]!r} "
@@ -99,11 +104,11 @@ class FedRep(FedAvg):
         is_head = self.is_local
         is_body = jax.tree.map(lambda local: not local, is_head)
         body = self.config.body_epochs
-        return PhaseMasks((is_head, is_body), epochs=(self.ctx.trainer.config.local_epochs - body, body))
+        return PhaseMasks((is_head, is_body), epochs=(self.ctx.train.local_epochs - body, body))
 
     @functools.cached_property
     def trainer(self):
-        train = self.ctx.trainer.config
+        train = self.ctx.train
         return self.ctx.trainer.with_update(
             sgd_update(self.ctx.model, make_optimizer(train), trainable=self.phases))
 

@@ -1,16 +1,25 @@
-"""Local training: every client trains alone, nothing is communicated."""
+"""Local training: every client trains alone, nothing is communicated (the "Local" row of
+pFedLA's Tables 1-2, Ma et al., CVPR 2022: each client's E local epochs of SGD per round)."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pfedla_jax.algorithms.base import Algorithm, Evaluation
+from pfedla_jax.algorithms.base import Algorithm, Evaluation, TableRow
 from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.evaluation import View
+from pfedla_jax.core.state_size import client_models_terms
 
 
 @register("local")
 class Local(Algorithm):
+    display_name = "Local"
+    table_rows = (TableRow("local", "Local", order=0),)
+
+    @classmethod
+    def state_size_terms(cls, config, dims):
+        return client_models_terms(dims)
+
     def init_state(self, key):
         params, stats = self.ctx.init_client_variables(key)
         return {"client_params": params, "batch_stats": stats}

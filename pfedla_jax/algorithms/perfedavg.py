@@ -5,7 +5,8 @@ local gradient step. Server state: the global model w. Per client: BN running st
 only (the algorithm itself keeps nothing per client).
 
 One round (paper Alg. 1; FL-bench src/client/perfedavg.py and KarhouTam/Per-FedAvg
-perfedavg.py for the HF finite difference; baselines digest §6.1):
+perfedavg.py for the HF finite difference; every reference takes the outer step at
+w_{t-1}, restoring the pre-inner-step params):
 
     server sends w to the participants S
     for each participant i (in parallel), w_0 = w, for t = 1..tau:
@@ -16,7 +17,7 @@ perfedavg.py for the HF finite difference; baselines digest §6.1):
         HF: w_t = w_{t-1} - beta * (g - alpha * H(w_{t-1}; D'') g)     at w_{t-1}, not at w~
     server: w <- sum_i n_i w_tau^i / sum_i n_i                         FedAvg's weighted mean
 
-H(w; D'') g, `--perfedavg_hessian`:
+H(w; D'') g, `--perfedavg_hessian` (`hessian_vector_product`):
   exact              the gradient of <grad f(w; D''), v> in w with v = stop_gradient(g):
                      reverse over reverse (the model's custom-VJP ops have no forward
                      mode, so no jvp-of-grad); one extra backward of a backward.
@@ -27,23 +28,26 @@ Local budget: the trainer's epochs (or --local_steps): one meta-step consumes 2 
 (HF) minibatches of the client's per-epoch shuffles, so a client of b batches per epoch
 runs floor(E * b / k) meta-steps (FL-bench's floor(b/k) per epoch; a client with fewer than
 k batches in all its epochs runs none). Both steps are plain SGD: --momentum and
---weight_decay are refused (digest §6.4: FL-bench's momentum buffer across meta-steps is not
-in the algorithm); --lr is alpha unless --perfedavg_alpha is set.
+--weight_decay are refused (FL-bench takes the inner step with the client optimizer, whose
+momentum buffer then carries across meta-steps: not in the algorithm); --lr is alpha unless
+--perfedavg_alpha is set.
 
-BN running statistics (digest §8.4, `bn_update=inner`): only the inner-step forward at
-w_{t-1} on D updates them; the forwards at w~ and for the Hessian use batch statistics (train
-mode) and their running-stat updates are dropped (FL-bench restores the stats after every
-meta-step, so they never move: a bug this avoids). Statistics stay with each client.
+BN running statistics (a choice of this project: the paper's models have no BN): only the
+inner-step forward at w_{t-1} on D updates them; the forwards at w~ and for the Hessian use
+batch statistics (train mode) and their running-stat updates are dropped (FL-bench restores
+the stats after every meta-step, so they never move: a bug this avoids). Statistics stay
+with each client.
 
 Evaluation (host side, never writes the state; every client, from the current global w,
 each with its own BN running statistics, which the personalisation does not change):
   ''       w - alpha grad f_i(w; one training minibatch of size B), the batch drawn from
            the client's own TRAINING split with the evaluation key (paper §5's one SGD step
-           "at the test time", on training data: PME personalises on test batches, digest
-           §6.3-6.4). The headline.
+           "at the test time", on training data: pFedMe's code, CharlieDinh/pFedMe
+           userperavg.py `train_one_step`, personalises on test batches, a leak). The
+           headline.
   'local'  w after one full local epoch of plain SGD at lr alpha over the client's training
            data (FL-bench's forced fine-tune epoch; optimistic next to the paper).
-  'global' w itself, no adaptation (the digest's pers_steps = 0 diagnostic).
+  'global' w itself, no adaptation (a diagnostic: what the personalisation adds).
 
 Shapes: the global model is one unstacked params pytree; `batch_stats` leaves [N, ...].
 Errors: `PerFedAvgConfig.validate` / `validate_training` raise UserInputError (one line,
@@ -60,12 +64,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pfedla_jax.algorithms.base import Algorithm, Evaluation, FLContext
+from pfedla_jax.algorithms.base import Algorithm, AlgorithmConfig, Evaluation, FLContext, TableRow
 from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.aggregation import weighted_average
 from pfedla_jax.core.client_update import Batch, ClientUpdate, masked_cross_entropy, mean_batch_loss
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
+from pfedla_jax.core.state_size import per_client_term, server_model_term
 from pfedla_jax.errors import UserInputError, check_choice
 
 VARIANTS = ("fo", "hf")
@@ -77,15 +82,16 @@ def _help(text: str) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class PerFedAvgConfig:
-    """Per-FedAvg's options (CLI --perfedavg_<field>; baselines digest §6.2 for the defaults)."""
+class PerFedAvgConfig(AlgorithmConfig):
+    """Per-FedAvg's options (CLI --perfedavg_<field>; the defaults follow FL-bench,
+    pFedMe's code and KarhouTam/Per-FedAvg where they agree, field help)."""
 
     variant: str = dataclasses.field(default="fo", metadata=_help(
         "fo (first order: w <- w - beta g) | hf (Hessian-free: w <- w - beta (g - alpha H g), "
         "3 minibatches per local step)."))
     alpha: float = dataclasses.field(default=0.0, metadata=_help(
-        "inner / personalisation step size alpha; 0 = the experiment's --lr (the digest's "
-        "default: alpha = pFedLA's client lr; FL-bench: the client optimizer's lr)."))
+        "inner / personalisation step size alpha; 0 = the experiment's --lr (alpha = "
+        "pFedLA's client lr; FL-bench: the client optimizer's lr)."))
     beta: float = dataclasses.field(default=1e-3, metadata=_help(
         "outer step size beta (1e-3: FL-bench, pFedMe's code and KarhouTam/Per-FedAvg agree)."))
     hessian: str = dataclasses.field(default="exact", metadata=_help(
@@ -128,6 +134,25 @@ def _tree_vdot(a, b) -> jax.Array:
 def _axpy(a, x, y):
     """a * x + y over pytrees."""
     return jax.tree.map(lambda xi, yi: a * xi + yi, x, y)
+
+
+def hessian_vector_product(grad_fn, params, v, *, hessian: str = "exact", delta: float = 1e-3):
+    """H(params) v, the Hessian of the loss whose gradient is `grad_fn`, times v (HF's term).
+
+    Args:
+      grad_fn: params -> the gradient pytree (in the HF step: of the mean loss on D'').
+      params: the point w_{t-1}; v: a pytree like params, held constant (stop_gradient).
+      hessian: 'exact' (the gradient of <grad_fn(w), v>: reverse over reverse) or
+        'finite_difference' ((grad_fn(w + delta v) - grad_fn(w - delta v)) / (2 delta)).
+      delta: the finite-difference step.
+    Returns:
+      a pytree like params.
+    """
+    v = jax.lax.stop_gradient(v)
+    if hessian == "exact":
+        return jax.grad(lambda p: _tree_vdot(grad_fn(p), v))(params)
+    plus, minus = grad_fn(_axpy(delta, v, params)), grad_fn(_axpy(-delta, v, params))
+    return jax.tree.map(lambda a, b: (a - b) / (2.0 * delta), plus, minus)
 
 
 def perfedavg_update(model, *, alpha: float, beta: float, variant: str = "fo",
@@ -174,13 +199,8 @@ def perfedavg_update(model, *, alpha: float, beta: float, variant: str = "fo",
         g, _ = grad(adapted, stats, *d1)
         if variant == "hf":
             d2 = (batch.x[2], batch.y[2], batch.mask[2])
-            v = jax.lax.stop_gradient(g)
-            if hessian == "exact":
-                hv = jax.grad(lambda p: _tree_vdot(grad(p, stats, *d2)[0], v))(params)
-            else:
-                g_plus, _ = grad(_axpy(delta, v, params), stats, *d2)
-                g_minus, _ = grad(_axpy(-delta, v, params), stats, *d2)
-                hv = jax.tree.map(lambda a, b: (a - b) / (2.0 * delta), g_plus, g_minus)
+            hv = hessian_vector_product(lambda p: grad(p, stats, *d2)[0], params, g,
+                                        hessian=hessian, delta=delta)
             g = _axpy(-alpha, hv, g)
         params = _axpy(-beta, g, params)
         return (params, new_stats), (loss_sum, count)
@@ -192,44 +212,24 @@ def perfedavg_update(model, *, alpha: float, beta: float, variant: str = "fo",
                         batches_per_step=2 if variant == "fo" else 3)
 
 
-def hessian_vector_product(model, params, batch_stats, x, y, mask, v, *, hessian: str = "exact",
-                           delta: float = 1e-3, loss=masked_cross_entropy):
-    """H(params; (x, y, mask)) v of the mean loss, as the HF step computes it (tests, notes).
-
-    Args:
-      model, loss: as `perfedavg_update`.
-      params: one model's params; v: a pytree like params.
-      x, y, mask: one minibatch [B, ...].
-      hessian: 'exact' (reverse over reverse) or 'finite_difference' (central, step delta).
-    Returns:
-      a pytree like params.
-    """
-    def g(p):
-        def f(q):
-            out, _ = model.apply({"params": q, "batch_stats": batch_stats}, x, train=True, mask=mask,
-                                 mutable=["batch_stats"])
-            total, count = loss(out, y, mask)
-            return total / jnp.maximum(count, 1.0)
-        return jax.grad(f)(p)
-
-    if hessian == "exact":
-        return jax.grad(lambda p: _tree_vdot(g(p), jax.lax.stop_gradient(v)))(params)
-    plus, minus = g(_axpy(delta, v, params)), g(_axpy(-delta, v, params))
-    return jax.tree.map(lambda a, b: (a - b) / (2.0 * delta), plus, minus)
-
-
 # ---------------------------------------------------------------------------- the algorithm
 @register("perfedavg", PerFedAvgConfig)
 class PerFedAvg(Algorithm):
     """Per-FedAvg on the stacked engine (module docstring)."""
 
+    display_name = "Per-FedAvg"
+    table_rows = (TableRow("perfedavg", "Per-FedAvg", order=2),)
     server_state_keys = ("global_params",)
+
+    @classmethod
+    def state_size_terms(cls, config, dims):
+        """Every client's BN statistics and the global model w (nothing else per client)."""
+        return [per_client_term("BN statistics", "batch_stats", dims.B, "B"),
+                server_model_term(dims)]
 
     def __init__(self, ctx: FLContext, config: PerFedAvgConfig | None = None):
         super().__init__(ctx, config)
-        train = ctx.trainer.config
-        self.config.validate_training(train)
-        self.alpha = self.config.resolved_alpha(train)
+        self.alpha = self.config.resolved_alpha(ctx.train)
         self.trainer  # built now: a budget without one meta-step is refused here
 
     @functools.cached_property
@@ -243,7 +243,7 @@ class PerFedAvg(Algorithm):
     def _sgd_trainer(self, **budget) -> ClientTrainer:
         """Plain SGD at lr alpha over the experiment's data, batch size and strategy."""
         base = self.ctx.trainer
-        cfg = LocalTrainConfig(batch_size=base.config.batch_size, lr=self.alpha, **budget)
+        cfg = LocalTrainConfig(batch_size=self.ctx.train.batch_size, lr=self.alpha, **budget)
         return ClientTrainer(self.ctx.model, base.store, cfg, base.strategy)
 
     @functools.cached_property

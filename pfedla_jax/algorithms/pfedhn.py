@@ -1,22 +1,24 @@
-"""pFedHN (Shamsian, Navon, Fetaya, Chechik, ICML 2021): one server-side hypernetwork
-generates every client's whole model.
+"""pFedHN (Shamsian, Navon, Fetaya, Chechik, "Personalized Federated Learning using
+Hypernetworks", ICML 2021, Algorithm 1): one server-side hypernetwork generates every
+client's whole model.
 
 Server state: the hypernetwork phi = {embedding table V [N, d_e] (one trainable row v_i
 per client), an MLP trunk, one linear head per trainable tensor of the client model} and
 its optimizer state. Per client: the model after its latest local training (the 'local'
-evaluation view) and its BN running statistics (local, never generated: digest §1.4, as
-FL-bench, which refuses global buffers for pFedHN).
+evaluation view) and its BN running statistics (local, never generated: as FL-bench,
+whose src/server/pfedhn.py refuses global buffers for pFedHN).
 
-One client visit (official code AvivSham/pFedHN experiments/pfedhn/trainer.py `train`;
-digest §2.1):
+One client visit (Algorithm 1, as the official code AvivSham/pFedHN
+experiments/pfedhn/trainer.py `train` runs it):
     theta_i  = h(v_i; phi)                     every trainable tensor, BN scale/bias included
     theta~_i = local training from theta_i     (with client i's own BN running statistics)
     delta_i  = theta_i - theta~_i              (the official `inner_state - final_state`)
     g        = (d theta_i / d phi)^T delta_i   one VJP; v_i is a row of V, so g covers V
     phi     <- SGD(clip_global_norm(g, 50))    momentum 0.9 and weight decay 1e-3 on ALL of
                                                phi, every row of V included (PyTorch SGD on
-                                               the dense embedding gradient; digest §2.5)
-This is descent on L_i(h(v_i; phi)): delta_i ~ lr * sum_k grad L_i (digest §2.1 step 7).
+                                               the dense embedding gradient)
+This is descent on L_i(h(v_i; phi)): delta_i ~ lr * sum_k grad L_i (the sign of both public
+codes, the official one and FL-bench's).
 
 Round semantics:
   synchronous  (default) all S participants are generated from ONE snapshot of phi and
@@ -26,7 +28,7 @@ Round semantics:
                displacement of the reference's S sequential steps (with momentum too, in
                steady state); the differences: the S gradients are all taken at phi_t, the
                clip bounds the sum (not each term) and weight decay is applied once per
-               round instead of S times (digest §2.5: a documented deviation).
+               round instead of S times (a documented deviation: BUILD_NOTES (pFedHN)).
   sequential   a `lax.scan` over the participants: each is generated from the phi already
                updated by the previous ones, trains alone and takes its own clip + step (the
                official code, one client per step, and FL-bench's server loop).
@@ -61,13 +63,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pfedla_jax.algorithms.base import Algorithm, Evaluation, FLContext
+from pfedla_jax.algorithms.base import Algorithm, AlgorithmConfig, Evaluation, FLContext, TableRow
 from pfedla_jax.algorithms.registry import register
-from pfedla_jax.core.client_update import sgd_update
-from pfedla_jax.core.local_training import make_optimizer
 from pfedla_jax.core.client_parallel import on_every_device
+from pfedla_jax.core.client_update import sgd_update
 from pfedla_jax.core.evaluation import View
+from pfedla_jax.core.local_training import make_optimizer
 from pfedla_jax.core.stacking import broadcast_clients
+from pfedla_jax.core.state_size import StateTerm, client_models_terms
 from pfedla_jax.errors import UserInputError, check_choice
 from pfedla_jax.models.cnn import init_variables, torch_default_uniform
 
@@ -80,9 +83,9 @@ def _help(text: str) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class PFedHNConfig:
+class PFedHNConfig(AlgorithmConfig):
     """pFedHN's options (CLI --pfedhn_<field>). Defaults: the official code's
-    (AvivSham/pFedHN trainer.py; the same in FL-bench's src/server/pfedhn.py), digest §2.2."""
+    (AvivSham/pFedHN trainer.py; the same in FL-bench's src/server/pfedhn.py)."""
 
     embed_dim: int = dataclasses.field(default=0, metadata=_help(
         "client embedding size d_e; 0 = the official rule int(1 + N/4) (FL-bench's differs: "
@@ -295,16 +298,49 @@ def make_hn_optimizer(config: PFedHNConfig) -> optax.GradientTransformation:
 class PFedHN(Algorithm):
     """pFedHN on the stacked engine (module docstring)."""
 
+    display_name = "pFedHN"
+    table_rows = (TableRow("pfedhn", "pFedHN", order=4),)
     server_state_keys = ("hn_params", "hn_opt_state")
+
+    @classmethod
+    def state_size_terms(cls, config, dims):
+        """The client models and BN statistics, and the one hypernetwork (replicated):
+        embedding table N x d_e, trunk, one head per client-model tensor, and its SGD
+        momentum trace (one per parameter; none without momentum)."""
+        h, k, p = config.hidden_dim, config.n_hidden, dims.P
+        trunk = lambda n: config.resolved_embed_dim(n) * h + h + k * (h * h + h)
+        table = lambda n: n * config.resolved_embed_dim(n)
+        hn = lambda n: table(n) + trunk(n) + (h + 1) * p
+        part = lambda name, expr, fn, match: StateTerm("hypernetworks", name, expr, False, fn,
+                                                       "hn_params", match)
+        if config.hn_momentum > 0:
+            optimizer = StateTerm("optimizer states", "hypernetwork optimizer",
+                                  "= hypernetworks (SGD momentum trace)", False,
+                                  lambda n: 4 * hn(n), "hn_opt_state")
+        else:
+            optimizer = StateTerm("optimizer states", "hypernetwork optimizer", "0 (SGD)", False,
+                                  lambda n: 0, "hn_opt_state")
+        return [*client_models_terms(dims),
+                part("embedding table", "4·N·d_e", lambda n: 4 * table(n),
+                     lambda path: path[0] == "embedding"),
+                part("trunk", "4·(d_e·H + H + K·(H² + H))", lambda n: 4 * trunk(n),
+                     lambda path: path[0] not in ("embedding", "heads")),
+                part("heads", "4·(H + 1)·P", lambda n: 4 * (h + 1) * p,
+                     lambda path: path[0] == "heads"),
+                optimizer]
+
+    @classmethod
+    def state_size_symbols(cls, config, dims):
+        """H (trunk width) and K (hidden blocks); d_e = int(1 + N/4) unless set."""
+        fixed = {"d_e": config.embed_dim} if config.embed_dim else {}
+        return {"H": config.hidden_dim, "K": config.n_hidden, **fixed}
 
     def __init__(self, ctx: FLContext, config: PFedHNConfig | None = None):
         super().__init__(ctx, config)
         cfg = self.config
-        template = jax.eval_shape(lambda: init_variables(ctx.model, jax.random.key(0), ctx.input_shape))
         self.hn = ModelHypernetwork(
             num_clients=ctx.num_clients, embed_dim=cfg.resolved_embed_dim(ctx.num_clients),
-            hidden_dim=cfg.hidden_dim, n_hidden=cfg.n_hidden,
-            targets=target_shapes(template["params"]))
+            hidden_dim=cfg.hidden_dim, n_hidden=cfg.n_hidden, targets=target_shapes(ctx.param_shapes))
         self.hn_tx = make_hn_optimizer(cfg)
         # jitted per instance (a class-level cache would keep the instance alive)
         self.generate = jax.jit(lambda phi, ids: generate(self.hn, phi, ids))
@@ -355,7 +391,7 @@ class PFedHN(Algorithm):
         clip = self.config.client_clip
         if clip == 0:
             return self.ctx.trainer
-        tx = optax.chain(optax.clip_by_global_norm(clip), make_optimizer(self.ctx.trainer.config))
+        tx = optax.chain(optax.clip_by_global_norm(clip), make_optimizer(self.ctx.train))
         return self.ctx.trainer.with_update(sgd_update(self.ctx.model, tx))
 
     def _on_every_device(self, fn):

@@ -1,17 +1,26 @@
-"""pFedLA and HeurpFedLA (Ma et al., CVPR 2022, Algorithms 1 and 2).
+"""pFedLA and HeurpFedLA (Ma, Zhang, Guo, Xu, "Layer-wised Model Aggregation for
+Personalized Federated Learning", CVPR 2022, Algorithms 1 and 2, Eqs. 3-12; no official
+code: the unofficial KarhouTam/pFedLA and FL-bench src/server/pfedla.py are the public
+PyTorch codes cited below).
 
 Server state: the latest locally trained params theta_j of every client (stacked [N, ...]),
 their BN running statistics (local, never aggregated), and one hypernetwork per client
 (stacked) with its optimizer state.
 
 One round (Algorithm 1), for the participating clients i:
-    alpha_i   = HN_i(v_i; psi_i)                          # [L, N], rows sum to 1   (Eq. 4)
+    alpha_i   = HN_i(v_i; psi_i)                          # [L, N], rows sum to 1 (Eqs. 3-4)
     theta_bar = sum_j alpha_i[l, j] theta_j[l]  per layer  # one einsum per leaf      (Eq. 6)
     theta_i'  = E epochs of local SGD starting from theta_bar_i
     delta_i   = theta_i' - theta_bar_i
     store       theta_i <- theta_bar_i + delta_i
     (dv_i, dpsi_i) = VJP of HN_i with cotangent G_i[l, j] = <theta_j[l], delta_i[l]>  (Eqs. 10-11)
-    (v_i, psi_i) <- (v_i, psi_i) + eta_hn (dv_i, dpsi_i)   # descent on L_i (digest §3.4)
+    (v_i, psi_i) <- (v_i, psi_i) + eta_hn (dv_i, dpsi_i)   # descent on L_i (see below)
+
+The paper writes neither the step size eta_hn nor its sign: local SGD makes delta_i ~
+-lr sum_t grad L_i, so descent on L_i is the + step above (pFedHN's convention); the public
+codes take the opposite sign (`--hn_sign=flbench`). `--hn_cotangent` chooses G (the raw
+Eqs. 10-11, or a normalised form: `normalized_cotangent`): BUILD_NOTES (pFedLA: the
+hypernetwork step).
 
 Round semantics:
   synchronous  all participants aggregate from one snapshot of the stored params and are
@@ -29,21 +38,21 @@ stored copy (not aggregated, not sent down) and their heads get no gradient that
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pfedla_jax.algorithms.base import Algorithm, Evaluation, FLContext
+from pfedla_jax.algorithms.base import Algorithm, AlgorithmConfig, Evaluation, FLContext, TableRow
 from pfedla_jax.algorithms.registry import register
-from jax.sharding import PartitionSpec as P
-
-from pfedla_jax.core.aggregation import _alpha_cotangent, aggregate, alpha_cotangent
-from pfedla_jax.core.client_parallel import CLIENT_AXIS, on_every_device
+from pfedla_jax.core.aggregation import aggregate, alpha_cotangent
+from pfedla_jax.core.client_parallel import RowBlock, on_every_device, over_row_blocks, rows_mesh
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.multihost import host_array
 from pfedla_jax.core.layers import GRANULARITIES, LayerMap, make_layer_map
+from pfedla_jax.core.state_size import ModelDims, StateTerm, client_models_terms, per_client_term
 from pfedla_jax.errors import UserInputError, check_choice
 from pfedla_jax.models.hypernetwork import (HNConfig, LayerWeightHypernetwork,
                                             init_hypernetworks, stacked_alpha)
@@ -56,18 +65,19 @@ DELTA_REFERENCES = ("current", "first")
 
 
 def _flag(name: str, text: str) -> dict:
-    return {"flag": name, "help": f"pFedLA: {text}"}
+    return {"alias": name, "help": f"pFedLA: {text}"}
 
 
 @dataclasses.dataclass(frozen=True)
-class PFedLAConfig:
-    """pFedLA's options (CLI names in parentheses; BUILD_NOTES §3-4 for the defaults)."""
+class PFedLAConfig(AlgorithmConfig):
+    """pFedLA's options (CLI names in the metadata's 'alias'; the defaults: BUILD_NOTES
+    (pFedLA: semantics where the paper is silent; the hypernetwork step))."""
 
     hn: HNConfig = HNConfig()
     hn_lr: float = dataclasses.field(default=0.1, metadata=_flag(
         "hn_lr", "hypernetwork learning rate (default chosen for --hn_cotangent=model; the "
         "public code's rule is --hn_cotangent=raw --hn_normalization=relu "
-        "--hn_head_init=uniform --hn_lr=0.005; BUILD_NOTES §4)."))
+        "--hn_head_init=uniform --hn_lr=0.005; BUILD_NOTES (pFedLA: the hypernetwork step))."))
     hn_optimizer: str = dataclasses.field(default="sgd", metadata=_flag("hn_optimizer", "sgd | adam."))
     hn_momentum: float = dataclasses.field(default=0.0, metadata=_flag(
         "hn_momentum", "hypernetwork SGD momentum."))
@@ -78,13 +88,13 @@ class PFedLAConfig:
     hn_sign: str = dataclasses.field(default="descent", metadata=_flag(
         "hn_sign", "descent (derivation) | flbench (public code's sign)."))
     heur_k: int = dataclasses.field(default=0, metadata={
-        "flag": "heur_k", "help": "HeurpFedLA: layers kept local per client (0 = pFedLA)."})
+        "alias": "heur_k", "help": "HeurpFedLA: layers kept local per client (0 = pFedLA)."})
     hn_cotangent: str = dataclasses.field(default="model", metadata=_flag(
         "hn_cotangent", "model (default: <theta_j - mean, delta_i> / (|delta_i| * spread of "
         "the stored models), norms over the whole model: scale-free, layers keep their relative "
         "weight) | layer (the same with per-layer norms: every layer moves alike) | raw "
         "(G = <theta_j, delta_i>, Eqs. 10-11 as in the public code: scales with the client lr "
-        "and budget). BUILD_NOTES §4."))
+        "and budget). BUILD_NOTES (pFedLA: the hypernetwork step)."))
 
     hn_delta_reference: str = dataclasses.field(default="current", metadata=_flag(
         "hn_delta_reference", "the update size |delta_i| that --hn_cotangent=model|layer divides "
@@ -92,7 +102,7 @@ class PFedLAConfig:
         "budget) | first (the client's first update's: the step shrinks as the client's updates "
         "shrink, as the raw rule's does; at a large client lr the first update, from the "
         "random init, is so much larger than the later ones that alpha stays near uniform; "
-        "BUILD_NOTES §4)."))
+        "BUILD_NOTES (pFedLA: the hypernetwork step))."))
 
     def validate(self) -> None:
         """Raises UserInputError on a bad option (heur_k's upper bound needs the model:
@@ -142,15 +152,62 @@ def _pad_sources(alpha: jax.Array, rows: int) -> jax.Array:
 
 @register("pfedla", PFedLAConfig)
 class PFedLA(Algorithm):
+    display_name = "pFedLA"
+    table_rows = (
+        TableRow("pfedla", "pFedLA", order=8),
+        TableRow("heurpfedla", "HeurpFedLA (k=1)", order=9, options=(("heur_k", 1),)),
+    )
+
     export_name = "alpha"
+    # the options that add state (HeurpFedLA keeps exactly pFedLA's)
+    state_size_variants = (("adam", (("hn_optimizer", "adam"),)),
+                           ("first", (("hn_delta_reference", "first"),)))
+
+    @classmethod
+    def state_size_terms(cls, config: PFedLAConfig, dims: ModelDims) -> list[StateTerm]:
+        """The client models and BN statistics; one hypernetwork per client, its L heads
+        (F + 1) x N each and its embedding + MLP (T scalars); the hypernetwork optimizer's
+        state; with --hn_delta_reference=first the reference norms [N, L]."""
+        sym = cls.state_size_symbols(config, dims)
+        layers, trunk, fan_in = sym["L"], sym["T"], sym["F"]
+        heads = lambda path: path[0].startswith("heads")
+        hn = lambda n: 4 * layers * (fan_in + 1) * n * n + 4 * n * trunk
+        terms = [*client_models_terms(dims),
+                 StateTerm("hypernetworks", "heads", "4·L·(F + 1)·N²", True,
+                           lambda n: 4 * layers * (fan_in + 1) * n * n, "hn_params", heads),
+                 per_client_term("hypernetworks", "embedding + MLP", trunk, "T", "hn_params",
+                                 lambda path: not heads(path))]
+        if config.hn_optimizer == "adam":
+            terms.append(StateTerm("optimizer states", "hypernetwork optimizer",
+                                   "2 × hypernetworks + 4·N (Adam mu, nu, count)", True,
+                                   lambda n: 2 * hn(n) + 4 * n, "hn_opt_state"))
+        elif config.hn_momentum > 0:
+            terms.append(StateTerm("optimizer states", "hypernetwork optimizer",
+                                   "= hypernetworks (SGD momentum trace)", True, hn, "hn_opt_state"))
+        else:
+            terms.append(StateTerm("optimizer states", "hypernetwork optimizer", "0 (SGD)", True,
+                                   lambda n: 0, "hn_opt_state"))
+        if config.hn_delta_reference == "first":
+            terms.append(per_client_term("other", "delta_ref", layers, "L"))
+        return terms
+
+    @classmethod
+    def state_size_symbols(cls, config: PFedLAConfig, dims: ModelDims) -> dict[str, int]:
+        """L aggregation layers; per client hypernetwork: T scalars of embedding + MLP, head
+        fan-in F (the last hidden width)."""
+        layers = make_layer_map(dims.params, dims.layer_order, config.granularity).num_layers
+        hn = config.hn
+        fan_in = trunk = hn.embed_dim
+        for _ in range(hn.num_hidden):
+            trunk += fan_in * hn.hidden_dim + hn.hidden_dim
+            fan_in = hn.hidden_dim
+        return {"L": layers, "T": trunk, "F": fan_in}
 
     def __init__(self, ctx: FLContext, config: PFedLAConfig | None = None):
         super().__init__(ctx, config)
         config = self.config
-        probe = jax.eval_shape(lambda: ctx.init_client_variables(jax.random.key(0)))[0]
-        self.layer_map: LayerMap = make_layer_map(
-            jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), probe), ctx.layer_order,
-            config.granularity)
+        self.layer_map: LayerMap = make_layer_map(ctx.param_shapes, ctx.layer_order,
+                                                  config.granularity)
         if config.heur_k >= self.layer_map.num_layers:
             raise UserInputError(
                 f"--heur_k must be in [0, {self.layer_map.num_layers - 1}] (the model has "
@@ -244,16 +301,13 @@ class PFedLA(Algorithm):
 
     def _mesh_of(self, client_params):
         """The state's mesh when `client_params` are the stored rows split over it, else None."""
-        mesh = self.ctx.mesh
-        rows = jax.tree.leaves(client_params)[0].shape[0]
-        return mesh if mesh.devices.size > 1 and rows % mesh.devices.size == 0 else None
+        return rows_mesh(client_params, self.ctx.mesh)
 
     def _step_hypernetworks(self, hn_params, hn_opt_state, client_ids, cot):
         """psi_i <- psi_i + lr * (d alpha_i / d psi_i)^T cot_i for stacked rows [S, ...]."""
-        _, vjp = jax.vjp(lambda p: stacked_alpha(self.hn, p, client_ids), hn_params)
-        (delta_psi,) = vjp(cot)
+        delta_psi = hn_delta_psi(self.hn, hn_params, client_ids, cot)
         # optax minimises: passing -delta_psi steps psi <- psi + lr * delta_psi (descent on
-        # L_i, digest §3.4); the public PyTorch code's sign passes +delta_psi.
+        # L_i: module docstring); the public PyTorch codes' sign passes +delta_psi.
         sign = -1.0 if self.config.hn_sign == "descent" else 1.0
         grads = jax.tree.map(lambda g: sign * g, delta_psi)
         updates, new_opt = jax.vmap(self.hn_tx.update)(grads, hn_opt_state, hn_params)
@@ -348,7 +402,8 @@ class PFedLA(Algorithm):
         Every stored row goes through its own hypernetwork (the mesh-padding rows as copies
         of client 0, dropped from alpha; their theta_bar rows are meaningless), the
         hypernetworks taken `HN_CHUNK_BYTES` at a time (`personalize_all`): no copy of all
-        N hypernetworks is made (one vmapped call would transpose every head: BUILD_NOTES §11).
+        N hypernetworks is made (one vmapped call would transpose every head: BUILD_NOTES
+        (1,000 clients)).
         """
         n = self.ctx.num_clients
         rows = jax.tree.leaves(state["client_params"])[0].shape[0]
@@ -390,27 +445,22 @@ def alpha_statistics(alpha: np.ndarray, names: tuple[str, ...]) -> dict[str, flo
     return out
 
 
-def hn_delta_psi(hn, layer_map: LayerMap, hn_params, client_params, client_ids, retained, delta,
-                 cotangent: str = "model"):
-    """(Delta v_i, Delta psi_i) = (d theta_bar_i / d psi_i)^T delta_i (paper Eqs. 10-11).
+def hn_delta_psi(hn, hn_params, client_ids, cot) -> Any:
+    """(Delta v_i, Delta psi_i) = (d alpha_i / d psi_i)^T G_i (paper Eqs. 10-11).
 
-    Computed without differentiating through parameter-sized tensors: the cotangent of
-    alpha (`hn_cotangent`) pulled back through the small hypernetwork MLP only (`jax.vjp`).
+    With the raw cotangent G = `hn_cotangent(..., 'raw')` this is (d theta_bar_i /
+    d psi_i)^T delta_i, computed without differentiating through parameter-sized tensors:
+    G (the closed form of d<theta_bar_i, delta_i>/d alpha_i) pulled back through the small
+    hypernetwork only (`jax.vjp`).
 
     Args:
       hn: the hypernetwork module (over N clients).
-      layer_map: aggregation units.
       hn_params: stacked hypernetwork params of the participants, leaves [S, ...].
-      client_params: the stored params that built theta_bar, leaves [N, ...] or [N_pad, ...]
-        (rows past N: mesh padding, ignored).
       client_ids: int32 [S].
-      retained: bool [S, L].
-      delta: theta_trained - theta_bar, leaves [S, ...].
-      cotangent: 'model', 'layer' or 'raw' (`hn_cotangent`).
+      cot: the cotangent of alpha, [S, L, N] (`hn_cotangent`).
     Returns:
       pytree like hn_params.
     """
-    cot = hn_cotangent(client_params, delta, layer_map, hn.num_clients, retained, cotangent)
     _, vjp = jax.vjp(lambda p: stacked_alpha(hn, p, client_ids), hn_params)
     (delta_psi,) = vjp(cot)
     return delta_psi
@@ -422,10 +472,10 @@ def hn_cotangent(client_params, delta, layer_map: LayerMap, num_clients: int, re
 
     'raw': G[s, l, j] = <theta_j[l], delta_s[l]> (`alpha_cotangent`, the closed form of
     d<theta_bar_s, delta_s>/d alpha[s, l, j]); 'model' / 'layer': `normalized_cotangent`
-    with that scope. Layers
-    retained by HeurpFedLA did not use alpha: their cotangent is zero. `mesh`: the mesh the
-    stored params are split over (see core/aggregation.py). `delta_sq` [S, L]: the squared
-    update norms the normalised cotangents divide by (None: delta's own).
+    with that scope. Layers retained by HeurpFedLA did not use alpha: their cotangent is
+    zero. `mesh`: the mesh the stored params are split over (see core/aggregation.py; None:
+    not split). `delta_sq` [S, L]: the squared update norms the normalised cotangents divide
+    by (None: delta's own).
     """
     if cotangent in ("model", "layer"):
         cot = normalized_cotangent(client_params, delta, layer_map, num_clients, mesh,
@@ -473,11 +523,11 @@ def normalized_cotangent(client_params, delta, layer_map: LayerMap, num_clients:
     """
     units = jax.tree.leaves(layer_map.layer_of_leaf)
 
-    def local(params, delta):
+    def local(block: RowBlock, params, delta):
         rows = jax.tree.leaves(params)[0].shape[0]
-        first = jax.lax.axis_index(CLIENT_AXIS) * rows if split else 0
+        first = block.first_row(rows)
         real = ((first + jnp.arange(rows)) < num_clients).astype(jnp.float32)
-        total = lambda x: jax.lax.psum(x, CLIENT_AXIS) if split else x
+        total = block.total
         # differences to client 0's row first: equal models give exactly zero (no rounding
         # residue for the division by the spread to blow up), and less cancellation overall
         ref = jax.tree.map(lambda w: total(jnp.where(first == 0, w[0], jnp.zeros_like(w[0]))), params)
@@ -489,15 +539,11 @@ def normalized_cotangent(client_params, delta, layer_map: LayerMap, num_clients:
         spread = jnp.zeros((layer_map.num_layers,), jnp.float32)
         for unit, c in zip(units, jax.tree.leaves(centred)):
             spread = spread.at[unit].add(jnp.sum(jnp.square(c.reshape(rows, -1)) * real[:, None]))
-        return _alpha_cotangent(centred, delta, layer_map), total(spread) / num_clients
+        # this device's columns of G (its own rows: no mesh here)
+        return alpha_cotangent(centred, delta, layer_map), total(spread) / num_clients
 
-    split = mesh is not None and mesh.devices.size > 1
-    if split:
-        cot, spread_sq = jax.shard_map(local, mesh=mesh, in_specs=(P(CLIENT_AXIS), P()),
-                                       out_specs=(P(None, None, CLIENT_AXIS), P()),
-                                       check_vma=False)(client_params, delta)
-    else:
-        cot, spread_sq = local(client_params, delta)
+    cot, spread_sq = over_row_blocks(local, mesh, in_axes=(0, None), out_axes=(2, None))(
+        client_params, delta)
     if delta_sq is None:
         delta_sq = delta_sq_norms(delta, layer_map)
     if scope == "model":
@@ -513,16 +559,12 @@ def normalized_cotangent(client_params, delta, layer_map: LayerMap, num_clients:
 def communication(layer_sizes, retained: jax.Array, bytes_per_param: int = 4):
     """Bytes up and down per participant, for retained-layer masks `retained` [S, L].
 
-    Uplink: the full model. Downlink: the model minus its retained layers (digest §8.3:
-    this reproduces the paper's Table 3 exactly). Traceable; int32 [S] each.
+    Uplink: the full model. Downlink: the model minus its retained layers (with the
+    CNNTarget's layer sizes, the paper's Table 3 entries for k >= 1 follow exactly from its
+    k = 0 entry: tests/test_pfedla_hypernetwork.py). Traceable; int32 [S] each.
     """
     sizes = jnp.asarray(np.asarray(layer_sizes, np.int32))
     up = jnp.full(retained.shape[:1], int(np.sum(layer_sizes)) * bytes_per_param, jnp.int32)
     down = jnp.sum(jnp.where(retained, 0, sizes[None, :]), axis=1) * bytes_per_param
     return up, down.astype(jnp.int32)
 
-
-def communication_bytes(layer_sizes, retained: np.ndarray, bytes_per_param: int = 4) -> tuple[int, int]:
-    """Total (uplink, downlink) bytes of a round whose participants retained `retained` [S, L]."""
-    up, down = communication(layer_sizes, jnp.asarray(np.asarray(retained, bool)), bytes_per_param)
-    return int(np.sum(np.asarray(up), dtype=np.int64)), int(np.sum(np.asarray(down), dtype=np.int64))

@@ -1,4 +1,5 @@
-"""pFedMe (Dinh, Tran, Nguyen, NeurIPS 2020, Alg. 1): personalisation by Moreau envelopes.
+"""pFedMe (Dinh, Tran, Nguyen, "Personalized Federated Learning with Moreau Envelopes",
+NeurIPS 2020, Algorithm 1): personalisation by Moreau envelopes.
 
 Objective: min_w (1/N) sum_i F_i(w), F_i(w) = min_theta f_i(theta) + lam/2 ||theta - w||^2;
 the personalised model of client i is theta_i, the proximal point of f_i at w. Server
@@ -7,10 +8,10 @@ state: the global model w. Per client: theta_i (the personalised model, evaluate
 
 One round (paper Alg. 1; official code CharlieDinh/pFedMe userpFedMe.py `train`,
 optimizers/fedoptimizer.py `pFedMeOptimizer`, serverbase.py
-`persionalized_aggregate_parameters`; baselines digest §7.1):
+`persionalized_aggregate_parameters`):
 
     server sends w^t to the participants S (sample-then-train, FL-bench's convention; the
-      paper and the official code train all N clients and aggregate S: digest §7.4)
+      paper and the official code train all N clients and aggregate S)
     for each participant i (in parallel): w_i = theta = w^t
         for each local minibatch D (the trainer's epochs or --local_steps):
             repeat K times (the SAME batch):                                 inner solve
@@ -21,19 +22,22 @@ optimizers/fedoptimizer.py `pFedMeOptimizer`, serverbase.py
         upload w_i; keep theta as the personalised model
     server: w^{t+1} = (1 - beta) w^t + beta sum_i n_i w_i / sum_i n_i
 
-eta is the experiment's --lr; p = --pfedme_personal_lr; mu = --pfedme_mu is the official
-code's extra L2 term (1e-3 there, not in the paper: default 0). --momentum and
---weight_decay are refused (every step is the plain update above).
+The inner solve is the official code's (K steps of `pFedMeOptimizer`; the paper solves the
+inner problem to an accuracy nu). eta is the experiment's --lr; p = --pfedme_personal_lr;
+mu = --pfedme_mu is the official code's extra L2 term (1e-3 there, not in the paper:
+default 0). --momentum and --weight_decay are refused (every step is the plain update
+above).
 
-BN running statistics (digest §8.4, `bn_update=each`): every inner forward at theta
-updates them (K per batch, PyTorch's train-mode semantics); they stay with the client.
+BN running statistics (a choice of this project: the paper's models have no BN): every
+inner forward at theta updates them (K per batch, PyTorch's train-mode semantics); they stay
+with the client.
 
 Evaluation (each client's own BN running statistics):
   ''       theta_i, the personalised model: the final inner iterate of the client's latest
            local training (the initial model before it first trains). The paper's "PM".
            Every public reference evaluates something else through tensor aliasing (the
-           official code w_i, PFLlib the broadcast global w; FL-bench the initial weights:
-           digest §7.3), so our numbers will not match theirs by construction.
+           official code w_i, PFLlib the broadcast global w; FL-bench the initial weights),
+           so our numbers will not match theirs by construction.
   'local'  w_i after the client's latest local training (what the official code's "PM"
            really is).
   'global' the global model w (the paper's "GM").
@@ -52,12 +56,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pfedla_jax.algorithms.base import Algorithm, Evaluation, FLContext
+from pfedla_jax.algorithms.base import Algorithm, AlgorithmConfig, Evaluation, FLContext, TableRow
 from pfedla_jax.algorithms.registry import register
 from pfedla_jax.core.aggregation import weighted_average
 from pfedla_jax.core.client_update import Batch, ClientUpdate, masked_cross_entropy, mean_batch_loss
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
+from pfedla_jax.core.state_size import client_models_terms, per_client_term, server_model_term
 from pfedla_jax.errors import UserInputError
 
 
@@ -66,8 +71,9 @@ def _help(text: str) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class PFedMeConfig:
-    """pFedMe's options (CLI --pfedme_<field>; baselines digest §7.2 for the defaults)."""
+class PFedMeConfig(AlgorithmConfig):
+    """pFedMe's options (CLI --pfedme_<field>; the defaults: the official code's, field
+    help)."""
 
     lam: float = dataclasses.field(default=15.0, metadata=_help(
         "lambda, the weight of the proximal term lam/2 ||theta - w||^2 (official default 15)."))
@@ -163,20 +169,28 @@ def pfedme_update(model, *, lam: float, inner_steps: int, personal_lr: float, lr
 class PFedMe(Algorithm):
     """pFedMe on the stacked engine (module docstring)."""
 
+    display_name = "pFedMe"
+    table_rows = (TableRow("pfedme", "pFedMe", order=3),)
     server_state_keys = ("global_params",)
+
+    @classmethod
+    def state_size_terms(cls, config, dims):
+        """w_i (client_params) and theta_i of every client, BN statistics, the global w."""
+        client, stats = client_models_terms(dims)
+        return [client, per_client_term("client params", "theta", dims.P, "P"), stats,
+                server_model_term(dims)]
 
     def __init__(self, ctx: FLContext, config: PFedMeConfig | None = None):
         super().__init__(ctx, config)
-        self.config.validate_training(ctx.trainer.config)
         cfg = self.config
         self.trainer: ClientTrainer = ctx.trainer.with_update(pfedme_update(
             ctx.model, lam=cfg.lam, inner_steps=cfg.inner_steps, personal_lr=cfg.personal_lr,
-            lr=ctx.trainer.config.lr, mu=cfg.mu))
+            lr=ctx.train.lr, mu=cfg.mu))
 
     def describe(self) -> str:
         cfg = self.config
         return (f"lam {cfg.lam:g}, K {cfg.inner_steps}, personal lr {cfg.personal_lr:g}, "
-                f"eta {self.ctx.trainer.config.lr:g}, beta {cfg.beta:g}, mu {cfg.mu:g}")
+                f"eta {self.ctx.train.lr:g}, beta {cfg.beta:g}, mu {cfg.mu:g}")
 
     def init_state(self, key):
         params, stats = self.ctx.init_client_variables(key)

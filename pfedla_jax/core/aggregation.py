@@ -1,20 +1,24 @@
 """Layer-wise aggregation of stacked client parameters as batched contractions.
 
 For a leaf W of layer l stacked over the N stored clients, `[N, ...]`, and the weights
-`alpha[s, l, n]` that participating client s puts on client n's layer l (paper Eq. 3, one
-column of alpha_s per layer), the personalised leaf of client s is (paper Eq. 6)
+`alpha[s, l, n]` that participating client s puts on client n's layer l (pFedLA, Ma et al.
+CVPR 2022, Eq. 3: one column of alpha_s per layer), the personalised leaf of client s is
+(Eq. 6)
 
     theta_bar[s] = sum_n alpha[s, l, n] * W[n]        i.e. einsum('sn,n...->s...').
 
-The cotangent of alpha for the pFedLA hypernetwork update (paper Eqs. 10-11; digest §3.4)
-is the closed form
+The cotangent of alpha that the hypernetwork update pulls back (Eqs. 10-11 with the local
+update delta in place of the loss gradient) has the closed form
 
-    G[s, l, n] = d<theta_bar_s, delta_s>/d alpha[s, l, n] = sum_{leaves of l} <W[n], delta[s]>.
+    G[s, l, n] = d<theta_bar_s, delta_s>/d alpha[s, l, n] = sum_{leaves of l} <W[n], delta[s]>
+
+(d theta_bar_s / d alpha[s, l, n] is W[n] on layer l's block), so no parameter-sized
+tensor is differentiated.
 
 With a device mesh whose axis `clients` splits the stack (`mesh=`), both contractions run
-where the stack lives (`shard_map`): each device contracts its own clients' rows and the
-partial results [S, ...] are summed across devices (the stack itself never moves: at
-N = 1,000 no device gathers the other devices' 1,000 x |theta| rows).
+where the stack lives (`client_parallel.over_row_blocks`): each device contracts its own
+clients' rows and the partial results [S, ...] are summed across devices (the stack itself
+never moves: at N = 1,000 no device gathers the other devices' 1,000 x |theta| rows).
 """
 
 from __future__ import annotations
@@ -24,14 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax.sharding import PartitionSpec as P
-
-from pfedla_jax.core.client_parallel import CLIENT_AXIS
+from pfedla_jax.core.client_parallel import RowBlock, over_row_blocks
 from pfedla_jax.core.layers import LayerMap
-
-
-def _split(mesh) -> bool:
-    return mesh is not None and mesh.devices.size > 1
 
 
 def aggregate(alpha: jax.Array, stacked_params: Any, layer_map: LayerMap, mesh=None) -> Any:
@@ -48,14 +46,10 @@ def aggregate(alpha: jax.Array, stacked_params: Any, layer_map: LayerMap, mesh=N
     Returns:
       pytree with leaves [S, ...].
     """
-    if not _split(mesh):
-        return _aggregate(alpha, stacked_params, layer_map)
+    def local(block: RowBlock, alpha_block, params_block):
+        return block.total(_aggregate(alpha_block, params_block, layer_map))
 
-    def local(alpha_block, params_block):
-        return jax.lax.psum(_aggregate(alpha_block, params_block, layer_map), CLIENT_AXIS)
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, None, CLIENT_AXIS), P(CLIENT_AXIS)),
-                         out_specs=P(), check_vma=False)(alpha, stacked_params)
+    return over_row_blocks(local, mesh, in_axes=(2, 0), out_axes=None)(alpha, stacked_params)
 
 
 def _aggregate(alpha, stacked_params, layer_map):
@@ -69,7 +63,7 @@ def _aggregate(alpha, stacked_params, layer_map):
 
 
 def alpha_cotangent(stacked_params: Any, delta: Any, layer_map: LayerMap, mesh=None) -> jax.Array:
-    """G[s, l, n] = sum over leaves of layer l of <W[n], delta[s]> (digest §3.4).
+    """G[s, l, n] = sum over leaves of layer l of <W[n], delta[s]> (module docstring).
 
     Args:
       stacked_params: pytree with leaves [N, ...]: the stored client params theta_n that
@@ -82,11 +76,8 @@ def alpha_cotangent(stacked_params: Any, delta: Any, layer_map: LayerMap, mesh=N
     Returns:
       [S, L, N] float32.
     """
-    if not _split(mesh):
-        return _alpha_cotangent(stacked_params, delta, layer_map)
-    return jax.shard_map(lambda w, d: _alpha_cotangent(w, d, layer_map), mesh=mesh,
-                         in_specs=(P(CLIENT_AXIS), P()), out_specs=P(None, None, CLIENT_AXIS),
-                         check_vma=False)(stacked_params, delta)
+    return over_row_blocks(lambda block, w, d: _alpha_cotangent(w, d, layer_map), mesh,
+                           in_axes=(0, None), out_axes=2)(stacked_params, delta)
 
 
 def _alpha_cotangent(stacked_params, delta, layer_map):

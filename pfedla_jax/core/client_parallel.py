@@ -1,8 +1,13 @@
-"""`for_each_client`: the one place that maps a per-client function over a cohort of clients.
+"""Where clients run: the device mesh, and the primitives that place work on it.
 
-Every per-client quantity is a pytree with a leading client axis (`[S, ...]` for a cohort
-of S participants). `for_each_client(client_fn, strategy, mesh)` turns a function of ONE
-client,
+With core/multihost.py (which adds the processes of a multi-process run), this module is
+the only code that knows about devices: the rest of the package calls the functions below
+and never builds a mesh, a sharding or a `shard_map` itself. Two kinds of primitives:
+
+Mapping a function of ONE client over a cohort: `for_each_client` (the idea of fedjax's
+`for_each_client`, on stacked clients). Every per-client quantity is a pytree with a
+leading client axis (`[S, ...]` for a cohort of S participants). `for_each_client(client_fn,
+strategy, mesh)` turns
 
     client_fn(shared, client, client_id, key) -> out
 
@@ -11,8 +16,7 @@ into a function of the whole cohort,
     fn(shared, clients[S, ...], client_ids[S], key) -> out[S, ...],
 
 where `shared` (a global model, the client data store, ...) is passed to every client
-without being copied S times. It is the only code that knows about devices (the idea of
-fedjax's `for_each_client`, on stacked clients). Strategies:
+without being copied S times. Strategies:
 
   vmap   `jax.vmap` over the cohort (GPU/TPU). On a mesh of several devices, each device
          vmaps its block of clients (`shard_map`). `batch_size` bounds how many clients
@@ -31,11 +35,19 @@ client. With `cost` (e.g. each client's number of local steps), `shard` deals th
 to devices so that every device gets a similar total (a cohort's time is its slowest
 device's), then restores the original order.
 
+Working on the stacked state ([N_pad, ...] per-client leaves, rows split over the mesh
+axis `clients`, N padded to a multiple of the mesh size: `padded_size`,
+`client_sharding`): `take_rows` / `put_rows` read and write the participants' rows,
+`over_row_blocks` runs a contraction where the rows live (each device on its own block,
+partial results summed across devices: pFedLA's aggregation and cotangents), and
+`on_every_device` runs small replicated work whole on every device.
+
 All of it is traceable: call it inside a jitted round.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -67,8 +79,9 @@ def resolve_strategy(strategy: str) -> str:
     if strategy != "auto":
         return strategy
     if jax.default_backend() == "cpu":
-        # Measured (BUILD_NOTES.md §5): on CPU the per-client loop with the custom-VJP conv
-        # beats vmap (grouped conv); several host devices beat XLA's intra-op threads.
+        # Measured in BUILD_NOTES (core engine figures): on CPU the per-client loop with the
+        # custom-VJP conv beats vmap (grouped conv); several host devices beat XLA's
+        # intra-op threads.
         return "shard" if jax.device_count() > 1 else "loop"
     return "vmap"
 
@@ -189,16 +202,67 @@ def on_every_device(fn: Callable[..., Any], mesh: Mesh | None) -> Callable[..., 
                                        check_vma=False)(*args)
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Inside a jitted program: every leaf of `tree` (all with a leading axis S) on every
-    device of `mesh`, moved as ONE collective: the leaves are packed per row into a single
-    [S, total] buffer first (XLA:CPU would otherwise gather each leaf separately, and each
-    collective synchronises the devices). Values are unchanged."""
-    leaves, treedef = jax.tree.flatten(tree)
-    if mesh.devices.size == 1 or not leaves:
-        return tree
-    flat = jax.lax.with_sharding_constraint(_pack(leaves, leaves[0].shape[0]), replicated(mesh))
-    return jax.tree.unflatten(treedef, _unpack(flat, leaves))
+def rows_mesh(tree: Any, mesh: Mesh | None) -> Mesh | None:
+    """`mesh` if the stacked `tree`'s rows ([K, ...]) can be split over it (several devices,
+    K a multiple of their number), else None: what `over_row_blocks` should split by."""
+    if mesh is None or mesh.devices.size == 1:
+        return None
+    rows = jax.tree.leaves(tree)[0].shape[0]
+    return mesh if rows % mesh.devices.size == 0 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBlock:
+    """One device's block of a stack's rows, as `over_row_blocks` hands it to its function.
+
+    Attributes:
+      split: whether the rows are split over several devices (False: the block is the
+        whole stack, on one device or without a mesh).
+    """
+
+    split: bool
+
+    def first_row(self, rows: int) -> jax.Array | int:
+        """The stack's index of the block's first row, for blocks of `rows` rows (0 if not
+        split)."""
+        return jax.lax.axis_index(CLIENT_AXIS) * rows if self.split else 0
+
+    def total(self, x: Any) -> Any:
+        """`x` summed over every device's block (one collective; `x` itself if not split)."""
+        return jax.lax.psum(x, CLIENT_AXIS) if self.split else x
+
+
+def _axis_spec(axis: int | None) -> P:
+    return P() if axis is None else P(*([None] * axis), CLIENT_AXIS)
+
+
+def over_row_blocks(fn: Callable[..., Any], mesh: Mesh | None, in_axes: tuple[int | None, ...],
+                    out_axes: int | None | tuple[int | None, ...]) -> Callable[..., Any]:
+    """Inside a jitted program: `fn(block, *args)` computed where a stack's rows live.
+
+    With a mesh of several devices each device runs `fn` on its own block of the arguments
+    split over the mesh axis `clients` (`shard_map`): the stack never moves. `fn` writes its
+    cross-device sums as `block.total(x)` and finds its rows' global index with
+    `block.first_row(rows)`; without a mesh (or with one device, or `mesh=None` from
+    `rows_mesh`) it runs once on the whole arguments, where both are the identity.
+
+    Args:
+      fn: `fn(block: RowBlock, *args) -> outputs`.
+      mesh: the mesh, or None.
+      in_axes: per positional argument, the axis split over the devices (e.g. 0 for a
+        stack [N, ...]) or None (the whole argument on every device).
+      out_axes: per output (or one for a single output), the axis along which the devices'
+        results are joined, or None (the same on every device, e.g. after `block.total`).
+    Returns:
+      `g(*args) -> outputs`.
+    """
+    if mesh is None or mesh.devices.size == 1:
+        return functools.partial(fn, RowBlock(split=False))
+    in_specs = tuple(_axis_spec(a) for a in in_axes)
+    out_specs = (tuple(_axis_spec(a) for a in out_axes) if isinstance(out_axes, tuple)
+                 else _axis_spec(out_axes))
+    return jax.shard_map(functools.partial(fn, RowBlock(split=True)), mesh=mesh,
+                         in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def for_each_client(client_fn: Callable[..., Any], strategy: str, mesh: Mesh | None = None, *,

@@ -53,10 +53,6 @@ class LayerMap:
     def num_layers(self) -> int:
         return len(self.names)
 
-    @property
-    def total_params(self) -> int:
-        return int(sum(self.num_params))
-
 
 def make_layer_map(params: Any, layer_order: Sequence[str], granularity: str = "layer",
                    stacked: bool = False) -> LayerMap:

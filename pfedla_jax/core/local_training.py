@@ -35,16 +35,26 @@ __all__ = ["STRATEGIES", "ClientTrainer", "LocalTrainConfig", "client_batch_plan
            "make_optimizer", "masked_cross_entropy", "resolve_strategy"]
 
 
+def _option(default, help_text: str):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclasses.dataclass(frozen=True)
 class LocalTrainConfig:
-    """Client-side optimisation (paper: SGD, batch 32, cross-entropy)."""
+    """Client-side optimisation (paper: SGD, batch 32, cross-entropy); checked when built.
 
-    batch_size: int = 32
-    local_epochs: int = 1
-    local_steps: int = 0  # > 0: exactly this many steps instead of epochs
-    lr: float = 0.005
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    Raises (constructor): UserInputError on a bad value.
+    """
+
+    batch_size: int = _option(32, "Local batch size.")
+    local_epochs: int = _option(1, "Local epochs per round.")
+    local_steps: int = _option(0, "If > 0: local SGD steps per round instead of epochs.")
+    lr: float = _option(0.005, "Client SGD learning rate.")
+    momentum: float = _option(0.0, "Client SGD momentum.")
+    weight_decay: float = _option(0.0, "Client weight decay (L2, added to the gradient).")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -129,7 +139,6 @@ class ClientTrainer:
 
     def __init__(self, model, store: ClientStore, config: LocalTrainConfig,
                  strategy: str = "auto", update: ClientUpdate | None = None):
-        config.validate()
         self.model = model
         self.config = config
         self.strategy = resolve_strategy(strategy)

@@ -11,7 +11,7 @@ The engine needs three things from this module:
                     (`np.asarray` refuses those); a collective: every process calls it.
 
 What was measured with this runtime on the project's CPU machine, and every failure mode
-seen, is in ../shared/multiprocess.md and BUILD_NOTES §11.
+seen, is in BUILD_NOTES (several processes).
 """
 
 from __future__ import annotations
@@ -20,18 +20,20 @@ import os
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from pfedla_jax.errors import UserInputError
 
 # A process that sends no heartbeat for this long is declared dead and the others abort
-# (JAX's default: 100 s). Measured on the 2-core machine under load (BUILD_NOTES §11): with
-# 10 s, a process compiling beside other busy processes missed its heartbeats and the run
-# aborted. experiments.launch does not wait for it: it stops the run as soon as one of its
-# processes exits.
+# (JAX's default: 100 s). Measured on the 2-core machine under load (BUILD_NOTES (several
+# processes)): with 10 s, a process compiling beside other busy processes missed its
+# heartbeats and the run aborted. experiments.launch does not wait for it: it stops the run
+# as soon as one of its processes exits.
 HEARTBEAT_TIMEOUT_S = 60
 
 
@@ -56,8 +58,6 @@ def host_array(x: Any) -> np.ndarray:
     same point of the program); any other array is copied directly.
     """
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
@@ -98,8 +98,6 @@ def put(tree: Any, shardings: Any) -> Any:
 def sync(name: str) -> None:
     """Waits until every process has reached the point named `name` (no-op in one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -186,8 +184,6 @@ def initialize(coordinator_address: str, num_processes: int | None, process_id: 
         return
     if timeout_s < 1:
         raise UserInputError(f"--distributed_timeout_s must be >= 1, got {timeout_s}")
-    import time
-
     deadline = time.monotonic() + timeout_s  # one deadline for the whole join
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator_address:
@@ -226,8 +222,6 @@ def initialize(coordinator_address: str, num_processes: int | None, process_id: 
 
 def _wait_for_coordinator(address: str, timeout_s: int) -> None:
     """Polls until the coordinator's port accepts a connection, else one error line."""
-    import time
-
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout_s
     while True:

@@ -1,4 +1,4 @@
-"""Gather/scatter of the participating clients' rows of stacked pytrees, and padding."""
+"""Stacked pytrees (a leading client axis on every leaf): broadcast, mesh padding, size."""
 
 from __future__ import annotations
 
@@ -6,21 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-
-@jax.jit
-def take_clients(tree: Any, client_ids: jax.Array) -> Any:
-    """Rows `client_ids` of every leaf: [N, ...] -> [S, ...] (a scalar id drops the axis)."""
-    return jax.tree.map(lambda a: jnp.take(a, client_ids, axis=0), tree)
-
-
-@jax.jit
-def put_clients(tree: Any, client_ids: jax.Array, rows: Any) -> Any:
-    """Writes `rows` ([S, ...]) into rows `client_ids` of `tree` ([N, ...]).
-
-    Inside a jitted round whose state is donated this updates the rows in place.
-    """
-    return jax.tree.map(lambda a, r: a.at[client_ids].set(r.astype(a.dtype)), tree, rows)
 
 
 def broadcast_clients(tree: Any, num: int) -> Any:

@@ -1,14 +1,17 @@
-"""Data layer: sources (local IDX, TFDS, synthetic), client partitions (and their files),
-device store.
+"""Data layer: sources (local IDX, TFDS, synthetic), client partitions (a registry of
+schemes, and partition files), device store.
 
 `tensorflow_datasets` is imported only when a ``tfds:`` dataset is loaded.
 """
 
 from pfedla_jax.data.partition import (
-    SCHEMES,
     Partition,
+    Scheme,
     make_partition,
     max_samples_per_client,
+    register_scheme,
+    scheme_names,
+    scheme_parameters,
 )
 from pfedla_jax.data.partition_file import (
     dataset_fingerprint,
@@ -38,6 +41,7 @@ __all__ = [
     "ClientStore",
     "Dataset",
     "Partition",
+    "Scheme",
     "build_client_store",
     "clear_cache",
     "dataset_fingerprint",
@@ -48,6 +52,15 @@ __all__ = [
     "normalize_images",
     "partition_record",
     "read_partition",
+    "register_scheme",
+    "scheme_parameters",
     "synthetic_templates",
     "write_partition",
 ]
+
+
+def __getattr__(name: str):
+    # SCHEMES follows the registry of partition schemes (a scheme registered later is listed).
+    if name == "SCHEMES":
+        return scheme_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

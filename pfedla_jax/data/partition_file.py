@@ -7,9 +7,10 @@ the very same split. The file (format tag ``pfedla_jax.partition/1``) is one JSO
   format              "pfedla_jax.partition/1"
   dataset             {"name", "num_examples" (M), "num_classes", "fingerprint"}
   scheme              the scheme that made the split (``noniid1``, ..., or another name)
-  parameters          that scheme's parameters (classes_per_client, dominant_classes,
-                      dominant_share, dirichlet_alpha, min_client_size,
-                      samples_per_client as requested, train_fraction), those that apply
+  parameters          that scheme's parameters (its own, e.g. classes_per_client for
+                      noniid1, then samples_per_client as requested and train_fraction:
+                      `scheme_parameter_table()`, derived from the registry of schemes;
+                      also readable as SCHEME_PARAMETERS and PARAMETER_NAMES)
   samples_per_client  the per-client total the scheme produced (None: sizes vary)
   seed                the partition's seed
   num_clients         N
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pfedla_jax.data.partition import Partition
+from pfedla_jax.data.partition import Partition, scheme_names, scheme_parameters
 from pfedla_jax.data.sources import Dataset
 from pfedla_jax.errors import UserInputError
 
@@ -41,17 +42,28 @@ FORMAT = "pfedla_jax.partition/1"
 FILE_NAME = "partition.json"  # the copy every run writes to its workdir
 FILE_PREFIX = "file:"  # --partition=file:PATH
 
-# The parameters each scheme depends on (besides seed, num_clients and train_fraction).
-SCHEME_PARAMETERS = {
-    "noniid1": ("classes_per_client", "samples_per_client"),
-    "adjacent": ("classes_per_client", "samples_per_client"),
-    "fig5": ("classes_per_client", "samples_per_client"),
-    "noniid2": ("dominant_classes", "dominant_share", "samples_per_client"),
-    "dirichlet": ("dirichlet_alpha", "min_client_size", "samples_per_client"),
-    "iid": ("samples_per_client",),
-}
-PARAMETER_NAMES = ("classes_per_client", "dominant_classes", "dominant_share",
-                   "dirichlet_alpha", "min_client_size", "samples_per_client", "train_fraction")
+
+def scheme_parameter_table() -> dict[str, tuple[str, ...]]:
+    """The parameters each registered scheme depends on (besides seed, num_clients and
+    train_fraction): its own (`scheme_parameters`), then samples_per_client."""
+    return {name: scheme_parameters(name) + ("samples_per_client",) for name in scheme_names()}
+
+
+def parameter_names() -> tuple[str, ...]:
+    """Every parameter a partition file records: the schemes' own parameters (in the
+    order of `scheme_names()`, each once), then samples_per_client and train_fraction."""
+    names = dict.fromkeys(p for name in scheme_names() for p in scheme_parameters(name))
+    return tuple(names) + ("samples_per_client", "train_fraction")
+
+
+def __getattr__(name: str):
+    # The tables follow the registry of schemes (a scheme registered later is included).
+    if name == "SCHEME_PARAMETERS":
+        return scheme_parameter_table()
+    if name == "PARAMETER_NAMES":
+        return parameter_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -92,15 +104,17 @@ def partition_record(partition: Partition, dataset: Dataset, config_fields: dict
         partition: The split; its indices (int [n_i]) index `dataset`.
         dataset: The pooled dataset the partition was made from.
         config_fields: ``seed`` (int), optionally ``source`` (the file a ``file:``
-            partition was read from), and the scheme's parameters (any of PARAMETER_NAMES;
-            for a scheme of SCHEME_PARAMETERS only its own ones and train_fraction are
-            kept, for any other scheme all that are given). Other keys are ignored.
+            partition was read from), and the scheme's parameters (any of
+            `parameter_names()`; for a registered scheme only its own ones
+            (`scheme_parameter_table()`) and train_fraction are kept, for any other scheme
+            all that are given). Other keys are ignored.
 
     Returns:
         A dict with the keys of the module docstring; indices as Python int lists.
     """
-    relevant = SCHEME_PARAMETERS.get(partition.scheme, PARAMETER_NAMES) + ("train_fraction",)
-    parameters = {k: _plain(config_fields[k]) for k in PARAMETER_NAMES
+    names = parameter_names()
+    relevant = scheme_parameter_table().get(partition.scheme, names) + ("train_fraction",)
+    parameters = {k: _plain(config_fields[k]) for k in names
                   if k in relevant and k in config_fields}
     seed = config_fields.get("seed")
     return {

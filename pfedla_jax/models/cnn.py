@@ -1,4 +1,8 @@
-"""pFedHN's `CNNTarget`, the client model of every pFedLA experiment (paper digest section 4).
+"""pFedHN's `CNNTarget`, the client model of every pFedLA experiment.
+
+The pFedLA paper (Ma et al., CVPR 2022) uses "the same CNN architectures as in FedFomo,
+FedBN and pFedHN"; pFedHN's `CNNTarget` (AvivSham/pFedHN models.py, n_kernels = 16) is the
+one whose parameter counts reproduce the paper's Table 3 communication costs:
 
     Conv1 5x5 Cin->16 [BN1] ReLU MaxPool2 | Conv2 5x5 16->32 [BN2] ReLU MaxPool2 |
     flatten | FC1 ->120 ReLU | FC2 120->84 ReLU | FC3 84->num_classes

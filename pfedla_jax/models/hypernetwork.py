@@ -5,9 +5,13 @@ an MLP maps it to a hidden vector; one linear head per aggregation layer emits N
 (one per stored client); a normalisation turns each head's scores into a distribution over
 clients, so every column of alpha_i (here: every row of the returned [L, N]) sums to 1.
 
-The paper defers the architecture to an unavailable supplement (digest §3.2). Defaults
-follow the public code: v_i in R^100, 3 x (Linear 100, ReLU), heads Linear(100 -> N) with
-U(0, 1) weights and zero bias, ReLU then divide by the sum, one-hot(self) if the sum is 0.
+The paper defers the architecture to its supplementary material, which is not public.
+The shape follows the public (unofficial) code, KarhouTam/pFedLA and FL-bench
+src/server/pfedla.py: v_i in R^100, 3 x (Linear 100, ReLU), heads Linear(100 -> N). Its
+output rule, U(0, 1) heads with zero bias, ReLU then divide by the sum, one-hot(self) if the
+sum is 0, is `--hn_normalization=relu` (`--hn_head_init=auto` then gives U(0, 1) heads); the
+default is a softmax of zero-initialised heads (every alpha starts uniform, no row can die):
+BUILD_NOTES (pFedLA: the hypernetwork step).
 
 All clients' hypernetworks are stored stacked (leading client axis) and applied with vmap.
 """
@@ -29,7 +33,7 @@ HEAD_INITS = ("auto", "uniform", "torch", "zeros")
 
 
 def _flag(name: str, text: str) -> dict:
-    return {"flag": name, "help": f"pFedLA: {text}"}
+    return {"alias": name, "help": f"pFedLA: {text}"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,7 @@
 """Convolution, pooling and BatchNorm ops for the client CNN, written for fast XLA:CPU training.
 
-Why these exist instead of `flax.linen.Conv` / `nn.max_pool` / autodiff BatchNorm (see
-the project's design notes, "Performance lessons", and BUILD_NOTES.md section 7 for the
-measurements):
-inside `lax.scan` (a per-client loop of SGD steps), plain autodiff of
+Why these exist instead of `flax.linen.Conv` / `nn.max_pool` / autodiff BatchNorm (the
+measurements: BUILD_NOTES (the CPU conv and BatchNorm ops)): inside `lax.scan` (a per-client loop of SGD steps), plain autodiff of
 `lax.conv_general_dilated` lowers the gradient convolutions to forms that XLA:CPU runs
 10-20x slower than the same step called from Python. So the conv has a hand-written
 backward pass; on CPU (the "fast path") it also avoids XLA:CPU's slowest kernels:
@@ -37,7 +35,8 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 
 # Whether `conv2d_valid` uses the CPU fast path (shifted multiply-add forward for Cin <= 3,
 # GEMM + col2im input gradient) when not told otherwise. None = on iff the default backend is
-# CPU, where it was measured (`python -m pfedla_jax.models.bench_ops`; BUILD_NOTES.md section 7).
+# CPU, where it was measured (`python -m experiments.bench.conv_ops`; BUILD_NOTES (the CPU
+# conv and BatchNorm ops)).
 # On GPU the canonical convolutions (cuDNN) are the natural choice, and the fast path's
 # materialisation point (a `lax.cond`, see `_materialize`) would cost a host round trip per
 # call there. Read at trace time: set it before jitting, not after.
@@ -45,7 +44,7 @@ FAST_PATH_DEFAULT: bool | None = None
 
 # The shifted multiply-add forward costs one fused elementwise pass per input channel with
 # kh*kw taps each. Measured faster than the conv kernel for Cin = 1 and 3 with 5x5 kernels
-# (BUILD_NOTES.md section 7); larger sizes keep the real convolution.
+# (BUILD_NOTES (the CPU conv and BatchNorm ops)); larger sizes keep the real convolution.
 _MAX_SHIFT_CIN = 3
 _MAX_SHIFT_TAPS = 49
 
@@ -388,8 +387,8 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, mask: jax.
     (n is replaced by max(n, 1) in the divisions, so an all-padding batch gives finite
     values.) Gradients flow through the batch statistics, as in PyTorch; the VJP is the
     closed form (two channel reductions, one elementwise pass) rather than autodiff's chain
-    of broadcasts (measured: 3.5% faster per CIFAR SGD step on CPU, BUILD_NOTES.md
-    section 7). Same values and gradients as `batch_norm_train_reference` (rounding aside)
+    of broadcasts (measured: 3.5% faster per CIFAR SGD step on CPU, BUILD_NOTES (the CPU
+    conv and BatchNorm ops)). Same values and gradients as `batch_norm_train_reference` (rounding aside)
     for a 0/1 mask.
 
     Args:

@@ -1,11 +1,17 @@
 """What an experiment computes (`ExperimentConfig`) and how a run is executed (`RunOptions`).
 
+The one place options are defined and checked. Every field carries its default, its help
+text and its command-line section in the field's metadata; `training/command_line.py`
+generates `experiments.run`'s flags from these dataclasses (and from each algorithm's
+config), so a default is written once. Each config is checked when it is built
+(`__post_init__` runs `validate`): a config that exists is valid, and the engine trusts it.
+
 `ExperimentConfig` is pinned in the workdir (a resumed run must match it); `RunOptions`
-(checkpoint cadence, logging, client parallelism, data directory, compilation cache)
-change how a run executes, not what it computes, and are not pinned.
+(checkpoint cadence, logging, client parallelism, devices, data directory, compilation
+cache) change how a run executes, not what it computes, and are not pinned.
 
 The config holds only the chosen algorithm's options (`algorithm_config`, an instance of
-the class the algorithm registered). `apply_overrides` sets any field by a dotted name:
+the class the algorithm registered). `apply_overrides` sets fields by dotted name:
 `rounds=50`, `train.lr=0.01`, `pfedla.hn_lr=0.1`, `pfedla.hn.normalization=softmax` (the
 algorithm's own fields are prefixed with its name), `algorithm=local` (which switches to
 that algorithm's config).
@@ -15,17 +21,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from pfedla_jax.algorithms.base import INITS
-from pfedla_jax.algorithms.registry import algorithm_class, algorithm_names, replace_path
+from pfedla_jax.algorithms.registry import algorithm_class, algorithm_names, replace_paths
 from pfedla_jax.core.client_parallel import STRATEGIES
 from pfedla_jax.core.local_training import LocalTrainConfig
 from pfedla_jax.errors import UserInputError
 
-COMPILATION_CACHE_ENV = "PFEDLA_JAX_COMPILATION_CACHE"
+# command-line sections, in --help order (the algorithms' sections come after "local training")
+DATA, SCHEDULE, TRAINING, MODEL, RUN = "data", "federated schedule", "local training", "model", "run"
+
+
+def option(default: Any, help_text: str, section: str, flag: str | None = None) -> Any:
+    """A config field with its help text, command-line section and (if not the field's
+    name) flag name, read by `training/command_line.py`."""
+    metadata = {"help": help_text, "section": section}
+    if flag is not None:
+        metadata["flag"] = flag
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,42 +48,50 @@ class ExperimentConfig:
     """Everything that determines a run's numbers (pinned in WORKDIR/config.json).
 
     `algorithm_config` is the chosen algorithm's config (None: its defaults).
+
+    Raises (constructor): UserInputError on any bad setting, before any data is loaded
+    (e.g. `ExperimentConfig(rounds=0)`); the data-dependent checks (a partition the
+    dataset cannot fill, a dataset that is not there) come when the experiment is built.
     """
 
-    algorithm: str = "fedavg"
+    algorithm: str = option("fedavg", "The method (see the algorithm sections below; "
+                            "HeurpFedLA: pfedla with --pfedla_heur_k > 0).", "algorithm")
     # data
-    dataset: str = "fmnist"
-    partition: str = "noniid1"      # a scheme (data/partition.py) or file:PATH (data/partition_file.py)
-    classes_per_client: int = 4
-    dominant_classes: int = 2
-    dominant_share: float = 0.8
-    dirichlet_alpha: float = 0.5
-    min_client_size: int = 10
-    samples_per_client: int = 0      # 0 = the largest the data allows
-    synthetic_per_class: int = 600
-    num_clients: int = 10
+    dataset: str = option("fmnist", "fmnist | synthetic | synthetic_rgb | tfds:<name>.", DATA)
+    partition: str = option(
+        "noniid1", "A partition scheme (data/partition/), or file:PATH (a run's "
+        "WORKDIR/partition.json, or a file in its format).", DATA)
+    classes_per_client: int = option(4, "noniid1 / adjacent / fig5: classes per client.", DATA)
+    dominant_classes: int = option(2, "noniid2: dominant classes per client.", DATA)
+    dominant_share: float = option(0.8, "noniid2: share of a client's data in its dominant "
+                                   "classes.", DATA)
+    dirichlet_alpha: float = option(0.5, "dirichlet: concentration.", DATA)
+    min_client_size: int = option(10, "dirichlet: minimum examples per client.", DATA)
+    samples_per_client: int = option(0, "Examples per client (train+test); 0 = the largest "
+                                     "the data allows.", DATA)
+    synthetic_per_class: int = option(600, "synthetic datasets: examples per class.", DATA)
+    num_clients: int = option(10, "Number of clients.", DATA)
     # federated schedule
-    rounds: int = 20
-    participation: float = 1.0
-    eval_every: int = 1
-    seed: int = 0
-    init: str = "common"
-    # local training
-    train: LocalTrainConfig = LocalTrainConfig()
-    use_bn: str = "auto"             # auto | true | false
-    # the chosen algorithm's options
+    rounds: int = option(20, "Communication rounds.", SCHEDULE)
+    participation: float = option(1.0, "Fraction of clients per round.", SCHEDULE)
+    eval_every: int = option(1, "Evaluate every this many rounds (and at the end).", SCHEDULE)
+    seed: int = option(0, "Seed for partition, init, schedule and shuffling.", SCHEDULE)
+    init: str = option("common", "common | independent client initialisation.", SCHEDULE)
+    # local training (flags: the fields of LocalTrainConfig)
+    train: LocalTrainConfig = dataclasses.field(default=LocalTrainConfig(),
+                                                metadata={"section": TRAINING})
+    use_bn: str = option("auto", "auto (BatchNorm iff 3 input channels) | true | false.", MODEL)
+    # the chosen algorithm's options (flags: --<algorithm>_<field>)
     algorithm_config: Any = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        cls = algorithm_class(self.algorithm)  # unknown name -> UserInputError
         if self.algorithm_config is None:
-            try:
-                default = algorithm_class(self.algorithm).config_class()
-            except UserInputError:
-                return  # validate() reports the unknown name
-            object.__setattr__(self, "algorithm_config", default)
+            object.__setattr__(self, "algorithm_config", cls.config_class())
+        self.validate()
 
     def validate(self) -> None:
-        """Raises UserInputError on any bad setting (before any data is loaded)."""
+        """Raises UserInputError on any bad setting (run by the constructor)."""
         cls = algorithm_class(self.algorithm)
         if not isinstance(self.algorithm_config, cls.config_class):
             raise UserInputError(f"--algorithm={self.algorithm} takes a {cls.config_class.__name__}, "
@@ -90,12 +113,8 @@ class ExperimentConfig:
                                  "(--partition=file:PATH.json)")
         if self.samples_per_client < 0:
             raise UserInputError(f"--samples_per_client must be >= 0, got {self.samples_per_client}")
-        self.train.validate()
-        self.algorithm_config.validate()
-        # options that must fit the local training (e.g. FedRep's head/body epoch split)
-        fits = getattr(self.algorithm_config, "validate_training", None)
-        if fits is not None:
-            fits(self.train)
+        # the algorithm's options that must fit the local training (e.g. FedRep's epoch split)
+        self.algorithm_config.validate_training(self.train)
 
     @property
     def clients_per_round(self) -> int:
@@ -112,7 +131,6 @@ class ExperimentConfig:
 
 def with_algorithm(config: ExperimentConfig, name: str, algorithm_config: Any = None) -> ExperimentConfig:
     """`config` for algorithm `name` with `algorithm_config` (default: that algorithm's defaults)."""
-    algorithm_class(name)  # unknown -> UserInputError
     return dataclasses.replace(config, algorithm=name, algorithm_config=algorithm_config)
 
 
@@ -120,40 +138,52 @@ def apply_overrides(config: ExperimentConfig, overrides: Iterable[tuple[str, Any
                     algorithm_config_for: Callable[[str], Any] | None = None) -> ExperimentConfig:
     """`config` with dotted fields set (values may be strings: converted to the field's type).
 
+    All overrides are applied at once (the result is checked once, so their order does not
+    matter).
+
     Args:
       config: the base config.
       overrides: {name: value} or (name, value) pairs: 'rounds', 'train.lr',
         '<algorithm>.<field>' (e.g. 'pfedla.hn_lr', 'pfedla.hn.embed_dim'), 'algorithm'
-        (applied first; switches to that algorithm's config).
+        (switches to that algorithm's config).
       algorithm_config_for: the config an `algorithm=NAME` override starts from (e.g. the
-        CLI's flags for NAME); default: NAME's defaults.
+        command line's options for NAME); default: NAME's defaults.
 
     Raises:
-      UserInputError: unknown field or algorithm, a value of the wrong type, or options of an
-        algorithm other than the chosen one.
+      UserInputError: unknown field or algorithm, a value of the wrong type, options of an
+        algorithm other than the chosen one, or a resulting config that is invalid.
     """
     items = list(overrides.items() if isinstance(overrides, dict) else overrides)
+    name = config.algorithm
+    algorithm_config = config.algorithm_config
     for key, value in items:
         if key == "algorithm":
-            config = with_algorithm(config, str(value),
-                                    algorithm_config_for(str(value)) if algorithm_config_for else None)
+            name = str(value)
+            algorithm_class(name)  # unknown -> UserInputError
+            algorithm_config = algorithm_config_for(name) if algorithm_config_for else None
+    own: dict[str, Any] = {}
+    fields: dict[str, Any] = {}
     for key, value in items:
         if key == "algorithm":
             continue
         head, _, rest = key.partition(".")
         if head == "algorithm_config":
-            raise UserInputError(f"set the algorithm's options as {config.algorithm}.FIELD=..., not {key}")
+            raise UserInputError(f"set the algorithm's options as {name}.FIELD=..., not {key}")
         if head in algorithm_names() and not hasattr(config, head):
-            if head != config.algorithm:
+            if head != name:
                 raise UserInputError(f"{key!r} is an option of --algorithm={head}, but the algorithm "
-                                     f"is {config.algorithm}")
+                                     f"is {name}")
             if not rest:
                 raise UserInputError(f"{key!r}: name a field ({head}.FIELD=...)")
-            config = dataclasses.replace(
-                config, algorithm_config=replace_path(config.algorithm_config, rest, value))
+            own[rest] = value
         else:
-            config = replace_path(config, key, value)
-    return config
+            fields[key] = value
+    if own:
+        base = algorithm_config if algorithm_config is not None else algorithm_class(name).config_class()
+        algorithm_config = replace_paths(base, own)
+    fields["algorithm"] = name
+    fields["algorithm_config"] = algorithm_config
+    return replace_paths(config, fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,20 +197,38 @@ class RunOptions:
       tensorboard: write TensorBoard event files to WORKDIR/tb.
       log_every: one progress line every this many rounds (0 = only evaluations).
       client_parallelism: auto | vmap | loop | shard (core/client_parallel.py).
+      host_devices: CPU only: XLA devices to split the host into, one per core, for the
+        `shard` strategy (-1 = one per available core; 0 = XLA's default of one device).
+        Takes effect only before JAX's first computation in the process
+        (`pfedla_jax.runtime.set_host_devices`).
       data_dir: dataset directory (fmnist IDX files or TFDS data_dir); None = the default.
       compilation_cache_dir: JAX's persistent compilation cache, shared by all runs (a
         second run of a configuration starts without compiling); None = the environment
         variable PFEDLA_JAX_COMPILATION_CACHE, else ~/.cache/pfedla_jax/jax (XDG_CACHE_HOME
         respected); '' = off.
+
+    Raises (constructor): UserInputError on a bad value.
     """
 
-    checkpoint_every: int = 10
-    overwrite: bool = False
-    tensorboard: bool = True
-    log_every: int = 1
-    client_parallelism: str = "auto"
-    data_dir: str | None = None
-    compilation_cache_dir: str | None = None
+    checkpoint_every: int = option(10, "Checkpoint every this many rounds (and at the end); 0 = "
+                                   "only at the end. Re-running with the same --workdir resumes.", RUN)
+    overwrite: bool = option(False, "Discard what --workdir holds (another run's config, "
+                             "checkpoints, metrics) and start over.", RUN)
+    tensorboard: bool = option(True, "Write TensorBoard event files to WORKDIR/tb.", RUN)
+    log_every: int = option(1, "One progress line every this many rounds (0 = only at "
+                            "evaluations).", RUN)
+    client_parallelism: str = option("auto", "auto | vmap | loop | shard.", RUN)
+    host_devices: int = option(
+        -1, "CPU only: split the host into this many XLA devices, one per core, for the 'shard' "
+        "strategy (-1 = one per available core; 0 = leave XLA's default of one device).", RUN)
+    data_dir: str | None = option(None, "Dataset directory (fmnist IDX files or TFDS data_dir).", DATA)
+    compilation_cache_dir: str | None = option(
+        None, "JAX's persistent compilation cache directory, shared by all runs (default: "
+        "$PFEDLA_JAX_COMPILATION_CACHE, else ~/.cache/pfedla_jax/jax); '' turns it off.", RUN,
+        flag="compilation_cache")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.checkpoint_every < 0:
@@ -190,49 +238,6 @@ class RunOptions:
         if self.client_parallelism not in STRATEGIES:
             raise UserInputError(f"unknown --client_parallelism {self.client_parallelism!r}; "
                                  f"expected one of {', '.join(STRATEGIES)}")
-
-
-def compilation_cache_dir(option: str | None) -> str:
-    """The cache directory an option means ('' = disabled)."""
-    if option is not None:
-        return option
-    env = os.environ.get(COMPILATION_CACHE_ENV)
-    if env is not None:
-        return env
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pfedla_jax", "jax")
-
-
-def enable_compilation_cache(option: str | None) -> str:
-    """Turns JAX's persistent compilation cache on at the directory `option` means.
-
-    Every compiled program is cached (no minimum compile time), keyed by JAX on the program,
-    its shapes, devices, flags and versions, so any run of a configuration already compiled
-    once (another seed, another workdir) loads its programs instead of compiling them.
-    Returns the directory ('' if disabled). Off in a run over several processes.
-    """
-    import jax
-
-    path = compilation_cache_dir(option)
-    if jax.process_count() > 1:
-        # off in multi-process runs: in the first trial (jax 0.10.2, CPU, under load) a process
-        # with the cache on stalled in its first compilation until the others declared it
-        # dead; each process compiles for itself (BUILD_NOTES §11)
-        path = ""
-    if not path:
-        jax.config.update("jax_enable_compilation_cache", False)
-        return ""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise UserInputError(f"cannot create the compilation cache directory {path!r}: "
-                             f"{e.strerror or e}") from None
-    if jax.config.jax_compilation_cache_dir != path:
-        jax.config.update("jax_compilation_cache_dir", path)
-        from jax._src import compilation_cache
-
-        compilation_cache.reset_cache()  # picks up the new directory
-    jax.config.update("jax_enable_compilation_cache", True)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
+        if self.host_devices < -1:
+            raise UserInputError(f"--host_devices must be -1, 0 or a positive count, got "
+                                 f"{self.host_devices}")

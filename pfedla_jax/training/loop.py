@@ -11,8 +11,9 @@ split the way the flax examples split `train_and_evaluate`, with one direction o
     Run.checkpoint     every --checkpoint_every rounds and at the end
   finish             summary.json
 
-Files in the workdir: see training/workdir.py; start_run also writes partition.json, the
-clients' examples (data/partition_file.py), and refuses to resume on another partition.
+Files in the workdir: see training/workdir/ (the package docstring); start_run also writes
+partition.json, the clients' examples (data/partition_file.py), and refuses to resume on
+another partition.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ from pfedla_jax.algorithms import FLContext, algorithm_class
 from pfedla_jax.core import multihost
 from pfedla_jax.core.evaluation import Evaluator, summarize
 from pfedla_jax.core.local_training import ClientTrainer
-from pfedla_jax.data import build_client_store, load_dataset, make_partition
+from pfedla_jax.data import build_client_store, load_dataset, make_partition, scheme_parameters
 from pfedla_jax.data import partition_file
 from pfedla_jax.data.store import label_histogram
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.models import layer_names, make_cnn
-from pfedla_jax.training.config import (ExperimentConfig, RunOptions, apply_overrides,
-                                        enable_compilation_cache)
+from pfedla_jax.runtime import check_random_streams, enable_compilation_cache, set_host_devices
+from pfedla_jax.training.config import ExperimentConfig, RunOptions, apply_overrides
 from pfedla_jax.training.workdir import (Checkpoints, ExportLog, MetricsWriter, kept_round,
                                          prepare_workdir, read_summary, remove_finished_outputs,
                                          write_config, write_summary)
@@ -105,13 +106,16 @@ class Experiment:
 
 
 def build_experiment(config: ExperimentConfig, options: RunOptions = RunOptions()) -> Experiment:
-    """Validates the config, then loads data, partitions it, builds model, trainer and algorithm.
+    """Loads data, partitions it, builds model, trainer and algorithm (configs are checked
+    when they are built; here come the checks that need the data).
 
     The partition: `make_partition` of the config's scheme, or for ``file:PATH`` the file,
     checked against the dataset and num_clients (`partition_file.read_partition`).
+
+    Raises:
+      UserInputError: the dataset cannot be loaded, the partition is infeasible, or the
+        algorithm's options do not fit the model.
     """
-    config.validate()
-    options.validate()
     dataset = load_dataset(config.dataset, options.data_dir,
                            synthetic_per_class=config.synthetic_per_class, seed=config.seed)
     path = partition_file.file_partition_path(config.partition)
@@ -122,17 +126,15 @@ def build_experiment(config: ExperimentConfig, options: RunOptions = RunOptions(
         fields = dict(params if isinstance(params, dict) else {}, seed=stored.get("seed"),
                       source=path)
     else:
-        fields = dict(classes_per_client=config.classes_per_client,
-                      dominant_classes=config.dominant_classes,
-                      dominant_share=config.dominant_share, dirichlet_alpha=config.dirichlet_alpha,
-                      min_client_size=config.min_client_size,
-                      samples_per_client=config.samples_per_client or None,
+        # the chosen scheme's own parameters only (make_partition refuses the others)
+        fields = {name: getattr(config, name) for name in scheme_parameters(config.partition)}
+        fields.update(samples_per_client=config.samples_per_client or None,
                       train_fraction=_TRAIN_FRACTION, seed=config.seed)
         partition = make_partition(dataset.labels, dataset.num_classes, config.num_clients,
                                    config.partition, **fields)
     record = partition_file.partition_record(partition, dataset, fields)
     store = build_client_store(dataset, partition)
-    # make_partition guarantees every client >= 1 train and >= 1 test example (issue 13 §2)
+    # make_partition guarantees every client >= 1 train and >= 1 test example
     assert np.all(np.asarray(store.train_count) > 0) and np.all(np.asarray(store.test_count) > 0)
     use_bn = None if config.use_bn == "auto" else config.use_bn == "true"
     model = make_cnn(dataset.input_shape, dataset.num_classes, use_bn=use_bn)
@@ -460,13 +462,26 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
     second call with the same config and workdir resumes from the latest checkpoint,
     giving the same metrics as an uninterrupted run (README "Resuming").
 
+    Devices are set up as on the command line: `options.host_devices` (default: one XLA CPU
+    device per core) applies if JAX has not computed anything yet in this process, and
+    `options.client_parallelism='auto'` then picks `shard` on a multi-core CPU.
+
+    Args:
+      config: the experiment (checked when it was built).
+      workdir: the run's directory (None: nothing is written and nothing resumes).
+      log: where progress lines go (default: print).
+      options: how the run executes (RunOptions).
+
+    Returns:
+      the summary dict (see README "Outputs"), with the metrics rows under 'records'.
+
     Raises:
-      UserInputError: bad config or options (before any data is loaded), infeasible data,
-        an incompatible workdir, or divergence.
+      UserInputError: data that cannot be loaded or partitioned, an incompatible workdir,
+        or divergence.
     """
     log = log or (lambda s: print(s, flush=True))
-    config.validate()
-    options.validate()
+    set_host_devices(options.host_devices)
+    check_random_streams()
     enable_compilation_cache(options.compilation_cache_dir)
     exp = build_experiment(config, options)
     run = start_run(exp, workdir, options)
