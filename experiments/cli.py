@@ -4,7 +4,10 @@ nothing to a tool's flags)."""
 
 from __future__ import annotations
 
+import logging as std_logging
+import os
 import sys
+import warnings
 
 from absl import flags, logging
 
@@ -40,3 +43,34 @@ def start(argv, host_devices: int | None = None) -> None:
     if not flags.FLAGS.is_parsed():  # a tool that parses its own FlagValues: absl logging
         flags.FLAGS.mark_as_parsed()  # (orbax logs through it) then logs without a warning
     logging.set_verbosity(logging.WARNING)
+    # orbax logs the traceback of a failed asynchronous save from its threads, then raises
+    # the error again where the run waits for the save (which reports it in one line)
+    logging.get_absl_logger().addFilter(_drop_orbax_thread_errors)
+    # ... and, after a failed save, tensorstore's asyncio tasks and callbacks fail again (a
+    # closed event loop, errors no one retrieves): the same failure, already reported
+    std_logging.getLogger("asyncio").addFilter(_drop_unretrieved_task_errors)
+    if not getattr(sys.excepthook, "drops_closed_loop_errors", False):
+        sys.excepthook = _excepthook_without_closed_loop_errors(sys.excepthook)
+    # JAX's persistent compilation cache is an optimisation: an entry that cannot be written
+    # (a full disk) or read (a cut file) costs compiling again; the run's own writes report
+    # a full disk
+    warnings.filterwarnings("ignore", message="Error (writing|reading) persistent compilation cache entry")
+
+
+def _drop_orbax_thread_errors(record) -> bool:
+    return not (record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname
+                and "thread" in record.getMessage())
+
+
+def _drop_unretrieved_task_errors(record) -> bool:
+    return "exception was never retrieved" not in record.getMessage()
+
+
+def _excepthook_without_closed_loop_errors(hook):
+    def excepthook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        hook(kind, value, tb)
+
+    excepthook.drops_closed_loop_errors = True
+    return excepthook

@@ -21,11 +21,13 @@ Bad flags or inputs print one line `error: ...` and exit with status 2.
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import sys
 
 from experiments.cli import fail, start
 from pfedla_jax.core import multihost
-from pfedla_jax.errors import UserInputError
+from pfedla_jax.errors import RunInterrupted, UserInputError
 from pfedla_jax.training.command_line import RunCommand, config_from_argv, help_text, wants_help
 from pfedla_jax.training.loop import format_table, run_experiment
 
@@ -48,6 +50,28 @@ def join_processes(command: RunCommand) -> None:
         fail(str(e))
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that resumes the run `argv` started: the same flags, less --overwrite (which
+    would discard the checkpoint), as one shell line."""
+    kept = [a for a in argv[1:] if a.split("=")[0] not in ("--overwrite", "-overwrite")]
+    return shlex.join([sys.executable, "-m", "experiments.run", *kept])
+
+
+def stopped_line(stop: RunInterrupted, workdir: str | None, argv: list[str]) -> str:
+    """The one line a run stopped by a signal prints: where it stopped, what is saved, and
+    the command that resumes it."""
+    name = signal.Signals(stop.signum).name
+    where = (f"after round {stop.round_done} of {stop.rounds}" if stop.finished_round
+             else f"during round {stop.round_done + 1} of {stop.rounds} (abandoned)")
+    if not workdir:
+        return f"stopped by {name} {where}; nothing was saved (no --workdir)"
+    if stop.checkpoint_round is None:
+        return (f"stopped by {name} {where}; no checkpoint yet, the same command starts again: "
+                f"{resume_command(argv)}")
+    return (f"stopped by {name} {where}; checkpoint of round {stop.checkpoint_round} in "
+            f"{workdir}; resume with: {resume_command(argv)}")
+
+
 def main(argv) -> None:
     if wants_help(argv):
         print(help_text("experiments.run", argv, __doc__.split("\n\n")[0]))
@@ -65,6 +89,13 @@ def main(argv) -> None:
     try:
         summary = run_experiment(command.config, workdir, log=(lambda s: None) if quiet else None,
                                  options=command.options)
+    except RunInterrupted as stop:  # (one process: see StopRequests)
+        print(stopped_line(stop, workdir, argv), file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
+    except KeyboardInterrupt:  # before the rounds started (loading data, compiling)
+        print("stopped by SIGINT before the first round of this command; the same command "
+              f"starts again: {resume_command(argv)}", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     except UserInputError as e:
         if multihost.process_count() == 1:
             fail(str(e))

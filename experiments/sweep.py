@@ -33,6 +33,7 @@ from pfedla_jax.training.command_line import (algorithm_config_from_flags, confi
                                               help_text, wants_help)
 from pfedla_jax.training.config import apply_overrides
 from pfedla_jax.training.loop import run_experiment
+from pfedla_jax.training.workdir import WorkdirBusy, describe_holder
 from pfedla_jax.training.tables import format_seed_table, seed_table
 
 
@@ -78,7 +79,7 @@ def main(argv):
     if len(set(names)) != len(names) or not all(names):
         fail(f"--run names must be distinct and non-empty, got {names}")
     from_flags = lambda name: algorithm_config_from_flags(name, values)
-    results = []
+    results, elsewhere = [], []
     for seed in seeds or [base.seed]:
         for spec in runs:
             name, _, body = spec.partition(":")
@@ -93,6 +94,12 @@ def main(argv):
             workdir = (os.path.join(root, name, f"seed_{config.seed}") if root else None)
             try:
                 summary = run_experiment(config, workdir, log=lambda s: None, options=options)
+            except WorkdirBusy as e:  # another command runs it: not a failure of this sweep
+                elsewhere.append(f"{name} seed {config.seed}: running elsewhere "
+                                 f"({describe_holder(e.holder)})")
+                print(f"{name:>24} seed {config.seed:<3d} running elsewhere "
+                      f"({describe_holder(e.holder)}): not in this sweep", flush=True)
+                continue
             except UserInputError as e:
                 fail(f"{name}: {e}")
             final = summary["final"]
@@ -113,7 +120,7 @@ def main(argv):
                 os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
                 with open(out, "w") as f:
                     json.dump({"base": base.to_dict(), "results": results}, f, indent=2)
-    if seeds:
+    if seeds and results:
         table = seed_table(results)
         text = format_seed_table(table)
         print(f"\nmean ± std over seeds {seeds} (accuracy %):\n{text}", flush=True)
@@ -123,6 +130,9 @@ def main(argv):
                            "results": results}, f, indent=2)
             with open(os.path.join(root, "seeds.md"), "w") as f:
                 f.write(text + "\n")
+    if elsewhere:
+        fail(f"{len(elsewhere)} run(s) left out, running elsewhere: {'; '.join(elsewhere)}; re-run "
+             "the sweep when they have ended")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ The paper's numbers come from the preset's header lines `# Paper (...): pFedLA 9
 Bad input (unknown preset or method, a seed list that does not parse, a budget the preset
 lacks, run flags the tool sets itself) prints one line `error: ...` and exits with status 2.
 A run that fails is reported (its last output line) and the table is written from the
-runs that finished; the exit status is then 1.
+runs that finished; the exit status is then 1. So is a run whose workdir another command
+holds (WORKDIR/run.lock): reported as "running elsewhere" (its pid and host), not run.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from experiments.plots import plot_label_histogram, pyplot, save_figure
 from pfedla_jax.algorithms import algorithm_class, algorithm_names, config_fields
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.training.command_line import config_from_argv, import_plugin
+from pfedla_jax.training.workdir import describe_holder, lock_holder
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 BUDGETS = ("paper", "cpu")
@@ -413,9 +415,13 @@ def checkpoint_round(workdir: str) -> int | None:
 
 
 def execute(spec: RunSpec) -> tuple[str, str | None]:
-    """Runs (or resumes) one run; ('skipped' | 'done', None) or ('failed', last output line)."""
+    """Runs (or resumes) one run; ('skipped' | 'done', None), ('elsewhere', who holds its
+    workdir) or ('failed', last output line)."""
     if finished(spec):
         return "skipped", None
+    holder = lock_holder(spec.workdir)
+    if holder is not None:
+        return "elsewhere", describe_holder(holder)
     os.makedirs(os.path.dirname(spec.log), exist_ok=True)
     with open(_command_file(spec), "w", encoding="utf-8") as f:
         json.dump(spec.record, f)
@@ -437,6 +443,9 @@ def execute(spec: RunSpec) -> tuple[str, str | None]:
         f.seek(start)
         lines = [ln.strip() for ln in f if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error:")]
+    holder = lock_holder(spec.workdir)
+    if holder is not None and any("is in use by another run" in ln for ln in errors):
+        return "elsewhere", describe_holder(holder)  # (taken between the check and the run)
     return "failed", (errors or lines or [f"exit status {code}, no output"])[-1]
 
 
@@ -707,13 +716,17 @@ def make_table(preset_name: str, seeds_text: str, methods_text: str, budget: str
         except OSError as e:  # e.g. the log or workdir cannot be written
             status, why = "failed", f"{type(e).__name__}: {e}"
         seconds = time.perf_counter() - start
-        result = run_result(spec) if status != "failed" else None
+        result = run_result(spec) if status not in ("failed", "elsewhere") else None
         with lock:
             k = next(counter)
             what = f"[{k}/{len(specs)}] {spec.method} seed {spec.seed}:"
             if status == "failed":
                 failures.append(f"{spec.method} seed {spec.seed}: {why} (log: {spec.log})")
                 log(f"{what} FAILED after {seconds:.0f} s: {why}")
+            elif status == "elsewhere":
+                failures.append(f"{spec.method} seed {spec.seed}: running elsewhere ({why}); "
+                                f"re-run the table when it has ended")
+                log(f"{what} running elsewhere ({why}): not in this table")
             elif result is None:
                 failures.append(f"{spec.method} seed {spec.seed}: no readable metrics in {spec.workdir}")
                 log(f"{what} no readable metrics in {spec.workdir}")

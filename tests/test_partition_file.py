@@ -20,6 +20,7 @@ from pfedla_jax.core.local_training import LocalTrainConfig
 from pfedla_jax.data import (dataset_fingerprint, load_dataset, make_partition, partition_file,
                              partition_record, read_partition, scheme_parameters, write_partition)
 from pfedla_jax.errors import UserInputError
+from pfedla_jax.training.workdir import LOCK_FILE
 from pfedla_jax.training.loop import (ExperimentConfig, RunOptions, build_experiment, run_experiment,
                                       start_run)
 from tests.helpers import one_error_line
@@ -47,11 +48,14 @@ def _metrics(workdir):
 
 
 def _snapshot(workdir):
-    """{relative path: bytes} of every file under `workdir`."""
+    """{relative path: bytes} of every file under `workdir` but the lock (whose record names
+    the last command that held it)."""
     out = {}
     for top, _, names in os.walk(workdir):
         for name in names:
             path = os.path.join(top, name)
+            if os.path.relpath(path, workdir) == LOCK_FILE:
+                continue
             with open(path, "rb") as f:
                 out[os.path.relpath(path, workdir)] = f.read()
     return out

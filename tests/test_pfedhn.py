@@ -338,7 +338,7 @@ def test_end_to_end_and_vmap_equals_shard(tmp_path):
     assert algo.trace_count == 1   # no retrace after round 1
     mine = jax.device_get(algo.to_checkpoint(state))
     checkpoints = Checkpoints(workdir, 0)
-    step, saved, _, _ = checkpoints.restore(mine)
+    step, saved, _, _, _ = checkpoints.restore(mine)
     checkpoints.close()
     assert step == 2
     # the hypernetwork moved, and both strategies moved it the same way

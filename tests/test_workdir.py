@@ -20,6 +20,7 @@ from experiments import plots
 from pfedla_jax.core.local_training import LocalTrainConfig
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.training import workdir as wd
+from pfedla_jax.training.workdir import LOCK_FILE
 from pfedla_jax.training.loop import ExperimentConfig, RunOptions, run_experiment
 
 TIMING_KEYS = {"round_seconds", "eval_seconds"}
@@ -197,12 +198,13 @@ def test_finished_run_extended_and_interrupted_equals_one_run(tmp_path):
 
 
 def _snapshot(workdir):
-    """Bytes of every file but TensorBoard's (whose events are compared as values)."""
+    """Bytes of every file but TensorBoard's (whose events are compared as values) and the
+    lock's (whose record names the last command that held it)."""
     out = {}
     for root, _, files in os.walk(workdir):
         for name in files:
             path = os.path.join(root, name)
-            if os.path.relpath(path, workdir).split(os.sep)[0] != "tb":
+            if os.path.relpath(path, workdir).split(os.sep)[0] not in ("tb", LOCK_FILE):
                 with open(path, "rb") as f:
                     out[os.path.relpath(path, workdir)] = f.read()
     return out
@@ -245,7 +247,7 @@ def test_same_command_twice_then_overwrite_with_another_algorithm(tmp_path):
     (w / "alpha.tmp.npz").write_bytes(b"")
     _run(_config("fedavg", rounds=3, eval_every=1), w, checkpoint_every=0, overwrite=True)
     assert sorted(os.listdir(w)) == ["checkpoints", "config.json", "metrics.csv", "metrics.jsonl",
-                                     "partition.json", "summary.json", "tb"]
+                                     "partition.json", LOCK_FILE, "summary.json", "tb"]
     assert sorted(os.listdir(w / "checkpoints")) == ["3"]
     assert json.loads((w / "summary.json").read_text())["algorithm"] == "fedavg"
     steps = _steps(w)

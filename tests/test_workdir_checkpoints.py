@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pfedla_jax.errors import UserInputError
-from pfedla_jax.training.workdir.checkpoints import Checkpoints
+from pfedla_jax.training.workdir.checkpoints import Checkpoints, tree_checksum
 
 
 def _scaled(state, r):
@@ -29,8 +29,9 @@ def test_checkpoints_save_restore_and_schedule(tmp_path):
     ckpt.close()
     again = Checkpoints(str(tmp_path / "run"), every=2)
     assert sorted(again.manager.all_steps()) == [2, 3]
-    step, got, arrays, meta = again.restore(state)
-    assert step == 3 and meta == {"round": 3, "times": [0.5] * 3}
+    step, got, arrays, meta, damaged = again.restore(state)
+    assert step == 3 and damaged == []
+    assert meta == {"round": 3, "times": [0.5] * 3, "checksum": tree_checksum(_scaled(state, 3))}
     np.testing.assert_array_equal(arrays["schedule"], np.arange(3))
     for k in state:
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(_scaled(state, 3)[k]))
@@ -48,6 +49,6 @@ def test_checkpoint_of_another_state_structure_is_a_one_line_error(tmp_path):
     new = Checkpoints(str(tmp_path), every=1)
     with pytest.raises(UserInputError, match="delta_ref.*another version"):
         new.restore({"client_params": jnp.ones(3)})
-    step, state, _, _ = new.restore({"client_params": jnp.ones(3), "delta_ref": jnp.zeros(2)})
+    step, state, _, _, _ = new.restore({"client_params": jnp.ones(3), "delta_ref": jnp.zeros(2)})
     assert step == 1 and float(state["delta_ref"].sum()) == 0.0
     new.close()

@@ -101,6 +101,13 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def broadcast_int(value: int) -> int:
+    """Process 0's `value` (an int32) in every process (the value itself in one process)."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def parse_num_processes(text: str) -> int | None:
     """'auto' -> None (detected by the cluster manager), else a positive int.
 

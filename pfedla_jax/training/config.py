@@ -43,6 +43,23 @@ def option(default: Any, help_text: str, section: str, flag: str | None = None) 
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def cohort_size(participation: float, num_clients: int) -> int:
+    """Clients per round: m = max(floor(C * K), 1), FedAvg's rule (McMahan et al., AISTATS
+    2017, Algorithm 1: "m <- max(C * K, 1)", a whole number of clients; its reference codes
+    take `max(int(C * K), 1)`). C * K within 1e-9 of a whole number counts as that number,
+    so a fraction written in decimal gives its exact product (0.29 x 100 = 29, although the
+    binary product is 28.999999999999996).
+
+    Args:
+      participation: C, the fraction of clients per round, in (0, 1].
+      num_clients: K >= 1.
+
+    Returns:
+      m, between 1 and K: 0.25 x 10 -> 2, 0.35 x 10 -> 3, 0.05 x 10 -> 1, 1.0 x K -> K.
+    """
+    return max(1, math.floor(participation * num_clients + 1e-9))
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """Everything that determines a run's numbers (pinned in WORKDIR/config.json).
@@ -73,7 +90,8 @@ class ExperimentConfig:
     num_clients: int = option(10, "Number of clients.", DATA)
     # federated schedule
     rounds: int = option(20, "Communication rounds.", SCHEDULE)
-    participation: float = option(1.0, "Fraction of clients per round.", SCHEDULE)
+    participation: float = option(1.0, "Fraction C of the clients per round: max(floor(C * "
+                                  "num_clients), 1) clients (FedAvg's rule).", SCHEDULE)
     eval_every: int = option(1, "Evaluate every this many rounds (and at the end).", SCHEDULE)
     seed: int = option(0, "Seed for partition, init, schedule and shuffling.", SCHEDULE)
     init: str = option("common", "common | independent client initialisation.", SCHEDULE)
@@ -118,7 +136,10 @@ class ExperimentConfig:
 
     @property
     def clients_per_round(self) -> int:
-        return max(1, int(round(self.participation * self.num_clients)))
+        """m = max(floor(C * K), 1) clients per round, C = participation, K = num_clients:
+        FedAvg's rule (McMahan et al., AISTATS 2017, Algorithm 1), as the reference codes
+        (`max(int(C * K), 1)`) apply it. See `cohort_size`."""
+        return cohort_size(self.participation, self.num_clients)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict; the algorithm's options under the algorithm's name."""

@@ -23,7 +23,9 @@ import inspect
 import json
 import math
 import os
+import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -39,13 +41,13 @@ from pfedla_jax.core.local_training import ClientTrainer
 from pfedla_jax.data import build_client_store, load_dataset, make_partition, scheme_parameters
 from pfedla_jax.data import partition_file
 from pfedla_jax.data.store import label_histogram
-from pfedla_jax.errors import UserInputError
+from pfedla_jax.errors import RunInterrupted, UserInputError
 from pfedla_jax.models import layer_names, make_cnn
 from pfedla_jax.runtime import check_random_streams, enable_compilation_cache, set_host_devices
 from pfedla_jax.training.config import ExperimentConfig, RunOptions, apply_overrides
-from pfedla_jax.training.workdir import (Checkpoints, ExportLog, MetricsWriter, kept_round,
-                                         prepare_workdir, read_summary, remove_finished_outputs,
-                                         write_config, write_summary)
+from pfedla_jax.training.workdir import (Checkpoints, ExportLog, MetricsWriter, WorkdirLock,
+                                         check_shared, kept_round, prepare_workdir, read_summary,
+                                         remove_finished_outputs, write_config, write_summary)
 
 __all__ = ["Experiment", "ExperimentConfig", "RunOptions", "apply_overrides", "build_experiment",
            "experiment_keys", "format_table", "participation_schedule", "run_experiment"]
@@ -174,6 +176,10 @@ class Run:
       bytes_up_total, bytes_down_total: communication so far.
       records: the metrics rows written so far.
       resumed_from: the checkpoint round a resumed run started from (0 if fresh).
+      first_rounds: the rounds (0-based) each attempt started with (they include compiling).
+      earlier_seconds: wall seconds the earlier attempts spent up to the restored checkpoint.
+      started: time.perf_counter() when this attempt's first round started.
+      notes: lines for the run's log about how it started (e.g. a damaged checkpoint skipped).
     """
 
     state: Any
@@ -187,10 +193,21 @@ class Run:
     checkpoints: Checkpoints | None = None
     writer: MetricsWriter | None = None
     exports: ExportLog | None = None
+    lock: WorkdirLock | None = None
+    first_rounds: list[int] = dataclasses.field(default_factory=list)
+    earlier_seconds: float = 0.0
+    started: float = 0.0
+    notes: list[str] = dataclasses.field(default_factory=list)
 
-    def checkpoint(self, exp: Experiment, round_done: int) -> None:
-        """Saves after `round_done` rounds when due (every --checkpoint_every and at the end)."""
-        if self.checkpoints is None or not self.checkpoints.due(round_done, round_done == exp.config.rounds):
+    def seconds_total(self) -> float:
+        """Wall seconds of all attempts, up to now (earlier ones up to their checkpoint)."""
+        return self.earlier_seconds + (time.perf_counter() - self.started)
+
+    def checkpoint(self, exp: Experiment, round_done: int, force: bool = False) -> None:
+        """Saves after `round_done` rounds when due (every --checkpoint_every and at the end),
+        or now (`force`: a run stopped by a signal)."""
+        if self.checkpoints is None or not (
+                force or self.checkpoints.due(round_done, round_done == exp.config.rounds)):
             return
         if self.exports is not None:  # (the primary process's; core/multihost.py)
             self.exports.save()  # before the checkpoint commits
@@ -201,7 +218,18 @@ class Run:
                                "train_key": np.asarray(jax.random.key_data(exp.keys.train))},
                               {"round_times": list(self.round_times),
                                "bytes_up_total": self.bytes_up_total,
-                               "bytes_down_total": self.bytes_down_total})
+                               "bytes_down_total": self.bytes_down_total,
+                               "first_rounds": list(self.first_rounds),
+                               "seconds_total": self.seconds_total()})
+
+    def interrupted(self, exp: Experiment, signum: int, round_done: int,
+                    finished_round: bool) -> RunInterrupted:
+        """The RunInterrupted a stop raises, once the checkpoint saved for it has committed."""
+        last = None
+        if self.checkpoints is not None:
+            self.checkpoints.wait()
+            last = self.checkpoints.latest_round()
+        return RunInterrupted(signum, round_done, exp.config.rounds, last, finished_round)
 
     def divergence_hint(self) -> str:
         hint = " (lower --lr or --hn_lr"
@@ -225,6 +253,48 @@ class Run:
         if self.writer is not None:
             self.writer.close()
 
+    def release(self) -> None:
+        """Releases the workdir's lock (after the last file of the run is written)."""
+        if self.lock is not None:
+            self.lock.release()
+
+
+class StopRequests:
+    """SIGINT and SIGTERM during a run, as a context manager around the round loop.
+
+    The first signal asks the loop to stop after the round in progress (train_loop then
+    checkpoints that round and raises RunInterrupted); a second one abandons the round at
+    once (RunInterrupted from the handler). Handlers are installed only in the main thread of
+    a one-process run (a run over several processes is stopped by experiments.launch, which
+    resumes it from its latest periodic checkpoint); the previous handlers come back on exit.
+
+    Attributes:
+      signum: the first signal received (None: none).
+    """
+
+    def __init__(self, exp: Experiment, run: Run):
+        self.exp, self.run = exp, run
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread() and multihost.process_count() == 1:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:  # pylint: disable=unused-argument
+        if self.signum is None:
+            self.signum = signum
+            return
+        done = len(self.run.round_times)
+        raise self.run.interrupted(self.exp, self.signum, done, finished_round=False)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
 
 def start_run(exp: Experiment, workdir: str | None, options: RunOptions) -> Run:
     """A fresh run, or the latest checkpoint of `workdir` when it holds this configuration."""
@@ -236,6 +306,33 @@ def start_run(exp: Experiment, workdir: str | None, options: RunOptions) -> Run:
     # Several processes: each checks the workdir as it finds it (a refusal is the same in
     # all of them), the primary alone removes what --overwrite discards, and nobody creates
     # anything in it (checkpoints/) before every process has looked.
+    primary = multihost.is_primary()
+    # one command at a time: the primary takes the workdir's lock before anything there is
+    # read or written; the others check they see the workdir the primary locked
+    token = multihost.broadcast_int(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
+    if primary:
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:
+            raise UserInputError(f"cannot write to --workdir {workdir!r}: {e.strerror or e}") from None
+        run.lock = WorkdirLock(workdir, token)
+        run.lock.acquire()
+    try:
+        multihost.sync("workdir locked")
+        if not primary:
+            check_shared(workdir, token, multihost.process_index())
+        _open_workdir(exp, run, options)
+    except BaseException:
+        run.close()
+        run.release()
+        raise
+    return run
+
+
+def _open_workdir(exp: Experiment, run: Run, options: RunOptions) -> None:
+    """start_run's part in a locked workdir: checks it, restores the latest checkpoint, opens
+    the writers (the primary's)."""
+    config, algo, workdir, state = exp.config, exp.algorithm, run.workdir, run.state
     primary = multihost.is_primary()
     resumable = prepare_workdir(workdir, config, options.overwrite, primary=primary)
     multihost.sync("workdir checked")
@@ -256,7 +353,9 @@ def start_run(exp: Experiment, workdir: str | None, options: RunOptions) -> Run:
         keep = lambda r: kept_round(r, resume_round=resume_round, eval_every=config.eval_every,
                                     rounds=config.rounds)
     elif resume_round is not None:
-        step, saved, arrays, meta = run.checkpoints.restore(algo.to_checkpoint(state))
+        step, saved, arrays, meta, damaged = run.checkpoints.restore(algo.to_checkpoint(state))
+        run.notes += [f"the checkpoint of round {bad} is damaged ({why}): deleted; resuming from "
+                      f"round {step}, rounds {step + 1}-{bad} are recomputed" for bad, why in damaged]
         saved_schedule = np.asarray(arrays["schedule"])
         if not np.array_equal(saved_schedule, exp.schedule[:saved_schedule.shape[0]]) or not np.array_equal(
                 np.asarray(arrays["train_key"]), np.asarray(jax.random.key_data(exp.keys.train))):
@@ -265,11 +364,14 @@ def start_run(exp: Experiment, workdir: str | None, options: RunOptions) -> Run:
         run.state = algo.from_checkpoint(saved)
         run.next_round = run.resumed_from = step
         run.round_times = list(meta["round_times"])
+        # (checkpoints written before these entries existed: one attempt, no other waits)
+        run.first_rounds = list(meta.get("first_rounds", [0]))
+        run.earlier_seconds = float(meta.get("seconds_total", sum(run.round_times)))
         run.bytes_up_total, run.bytes_down_total = int(meta["bytes_up_total"]), int(meta["bytes_down_total"])
         keep = lambda r: kept_round(r, resume_round=step, eval_every=config.eval_every,
                                     rounds=config.rounds)
     if not primary:
-        return run  # files are the primary process's; the others keep the rows in memory
+        return  # files are the primary process's; the others keep the rows in memory
     # only now, after every check of the resumed state: a refused command leaves the workdir
     # as it was
     write_config(workdir, config)
@@ -282,7 +384,6 @@ def start_run(exp: Experiment, workdir: str | None, options: RunOptions) -> Run:
     run.writer = MetricsWriter(workdir, keep, resume_round, options.tensorboard)
     run.records = run.writer.records
     run.exports = ExportLog(workdir, algo.export_name, algo.export_metadata(), keep)
-    return run
 
 
 def _check_same_partition(path: str, record: dict | None, workdir: str) -> None:
@@ -358,9 +459,17 @@ class Progress:
                  f"{seen / dt:,.0f} ex/s  ETA {_eta(recent * (self.rounds - round_done))}")
 
 
-def train_loop(exp: Experiment, run: Run, progress: Progress) -> None:
-    """Rounds run.next_round .. config.rounds - 1, with their periodic actions."""
+def train_loop(exp: Experiment, run: Run, progress: Progress, stop: StopRequests) -> None:
+    """Rounds run.next_round .. config.rounds - 1, with their periodic actions.
+
+    Raises:
+      RunInterrupted: `stop` saw a signal: the round in progress finished and was
+        checkpointed (a second signal abandons it).
+    """
     algo = exp.algorithm
+    run.started = time.perf_counter()
+    if run.next_round < exp.config.rounds:
+        run.first_rounds.append(run.next_round)
     for t in range(run.next_round, exp.config.rounds):
         t0 = time.perf_counter()
         run.state, info = algo.round(run.state, t, exp.schedule[t], exp.round_key(t))
@@ -403,7 +512,9 @@ def train_loop(exp: Experiment, run: Run, progress: Progress) -> None:
             else:
                 run.records.append(record)
         progress(run, t + 1, evaluated, train_loss, seen, dt)
-        run.checkpoint(exp, t + 1)
+        run.checkpoint(exp, t + 1, force=stop.signum is not None)
+        if stop.signum is not None and t + 1 < exp.config.rounds:
+            raise run.interrupted(exp, stop.signum, t + 1, finished_round=True)
 
 
 def finish(exp: Experiment, run: Run, seconds: float) -> dict[str, Any]:
@@ -419,19 +530,24 @@ def finish(exp: Experiment, run: Run, seconds: float) -> dict[str, Any]:
     if not records:
         raise UserInputError(f"--workdir {run.workdir!r} holds a finished run without metrics.jsonl rows; "
                              "use --overwrite to run it again")
-    steady = run.round_times[1:] or run.round_times
+    # steady rounds: all but each attempt's first (compiling)
+    steady = [s for i, s in enumerate(run.round_times) if i not in run.first_rounds] or run.round_times
     final, best = records[-1], max(records, key=lambda r: r["test_acc"])
+    first = run.round_times[run.first_rounds[-1]] if run.first_rounds else run.round_times[0]
     summary = {
         "config": config.to_dict(),
         "algorithm": exp.algorithm.name,
         "final": {k: v for k, v in final.items() if not k.endswith("per_client")},
         "best_test_acc": best["test_acc"],
         "best_round": best["round"],
-        "first_round_seconds": run.round_times[0],
+        # this attempt's first round (with its compiling), the total over all attempts
+        "first_round_seconds": first,
         "median_round_seconds": statistics.median(steady),
-        "compile_seconds_estimate": max(0.0, run.round_times[0] - statistics.median(steady)),
-        "total_seconds": seconds,
+        "compile_seconds_estimate": max(0.0, first - statistics.median(steady)),
+        "total_seconds": run.earlier_seconds + seconds,
+        "attempt_seconds": seconds,
         "resumed_from_round": run.resumed_from,
+        "clients_per_round": config.clients_per_round,
         "client_parallelism": ctx.trainer.strategy,
         "local_steps_per_round": ctx.trainer.num_steps,
         "train_examples_per_client": np.asarray(ctx.store.train_count).tolist(),
@@ -493,12 +609,36 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
         f"steps/round, strategy={ctx.trainer.strategy}"
         + (f"; {exp.algorithm.describe()}" if exp.algorithm.describe() else "")
         + (f"; resumed after round {run.resumed_from}" if run.resumed_from else ""))
+    for note in run.notes:
+        log(note)
     t_start = time.perf_counter()
     try:
-        train_loop(exp, run, Progress(log, options.log_every, config.rounds))
+        try:
+            with StopRequests(exp, run) as stop:
+                train_loop(exp, run, Progress(log, options.log_every, config.rounds), stop)
+        finally:
+            run.close()
+        return finish(exp, run, time.perf_counter() - t_start)
+    except OSError as e:
+        raise UserInputError(write_failure(e, run)) from None
     finally:
-        run.close()
-    return finish(exp, run, time.perf_counter() - t_start)
+        run.release()
+
+
+def write_failure(error: OSError, run: Run) -> str:
+    """The one line for a file the run could not write (a full disk, a quota, a lost mount):
+    the path and the system's reason, what the workdir keeps, and how to go on."""
+    where = error.filename or "a file of the run"
+    last = None
+    if run.checkpoints is not None:
+        try:
+            last = run.checkpoints.latest_round()
+        except Exception:  # pylint: disable=broad-except  (the directory itself may be gone)
+            last = None
+    kept = (f"the workdir keeps the checkpoint of round {last} and the metrics up to it"
+            if last is not None else "no checkpoint was saved yet")
+    return (f"cannot write {where}: {error.strerror or error}; {kept}; free space (or fix the "
+            "path) and re-run the same command to resume")
 
 
 def format_table(summary: dict[str, Any], max_rows: int = 10) -> str:

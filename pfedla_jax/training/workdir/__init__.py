@@ -15,6 +15,8 @@ Layout (names in files.py; the module that writes each):
   <export>.npz         arrays the algorithm exports at evaluations (exports.py; pFedLA:
                        alpha.npz, alpha of every client and layer at every evaluated round)
   summary.json         written when the run ends (write_summary, this module)
+  run.lock             held (fcntl.flock) by the one command that runs in the workdir
+                       (lock.py); a second command is refused with the holder's pid and host
   plots/               experiments.plots' default output (made from the files above)
 
 Every file describes the one run config.json names, whatever sequence of commands made it.
@@ -46,16 +48,19 @@ from pfedla_jax.training.workdir.files import (CHECKPOINT_DIR, CONFIG_FILE, METR
                                                    PARTITION_FILE, PLOTS_DIR, SUMMARY_FILE, TB_DIR,
                                                    export_file_names, remove_if_present,
                                                    replace_file, temporary_name)
+from pfedla_jax.training.workdir.lock import (LOCK_FILE, WorkdirBusy, WorkdirLock, check_shared,
+                                                  describe_holder, lock_holder)
 from pfedla_jax.training.workdir.metrics import MetricsWriter
 from pfedla_jax.training.workdir.tensorboard import (TENSORBOARDX_MISSING, EventFile,
                                                          event_files, read_scalar_events,
                                                          tensorboardx_available)
 
 __all__ = [
-    "CHECKPOINT_DIR", "CONFIG_FILE", "METRICS_CSV", "METRICS_JSONL", "PARTITION_FILE", "PLOTS_DIR",
-    "RESUMABLE_CHANGES", "SUMMARY_FILE", "TB_DIR", "TENSORBOARDX_MISSING",
-    "Checkpoints", "EventFile", "ExportLog", "MetricsWriter",
-    "config_differences", "event_files", "kept_round", "prepare_workdir", "read_scalar_events",
+    "CHECKPOINT_DIR", "CONFIG_FILE", "LOCK_FILE", "METRICS_CSV", "METRICS_JSONL", "PARTITION_FILE",
+    "PLOTS_DIR", "RESUMABLE_CHANGES", "SUMMARY_FILE", "TB_DIR", "TENSORBOARDX_MISSING",
+    "Checkpoints", "EventFile", "ExportLog", "MetricsWriter", "WorkdirBusy", "WorkdirLock",
+    "check_shared", "config_differences", "describe_holder", "event_files", "kept_round",
+    "lock_holder", "prepare_workdir", "read_scalar_events",
     "read_summary", "remove_finished_outputs", "tensorboardx_available", "write_config",
     "write_summary",
 ]

@@ -31,6 +31,25 @@ def _evaluation_scalars(record: dict) -> dict[str, Any]:
     return {k: v for k, v in scalar_items(record).items() if k != "round"}
 
 
+def _append(path: str, write: Callable[[Any], Any]) -> None:
+    """Appends what `write(f)` writes to the text file `path`, all or nothing: on an OSError
+    (a full disk) the file is cut back to its length before the append, so no half row stays.
+
+    Raises:
+      OSError: the append failed (the file is as it was).
+    """
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "a", newline="") as f:
+            write(f)
+    except OSError:
+        try:
+            os.truncate(path, size)
+        except OSError:
+            pass  # the read on resume stops at a cut line all the same
+        raise
+
+
 class MetricsWriter:
     """metrics.jsonl + metrics.csv + TensorBoard, truncated to the kept rows on resume.
 
@@ -103,14 +122,13 @@ class MetricsWriter:
     def evaluation(self, record: dict) -> None:
         """Appends the evaluation row `record` (with its 'round') to both files and TensorBoard
         (tags eval/<name>)."""
+        _append(self.jsonl, lambda f: f.write(json.dumps(record) + "\n"))
         self.records.append(record)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
         if self._csv_columns is None:
             self._rewrite_csv()
         else:
-            with open(self.csv, "a", newline="") as f:
-                csv.DictWriter(f, self._csv_columns, extrasaction="ignore").writerow(scalar_items(record))
+            _append(self.csv, lambda f: csv.DictWriter(f, self._csv_columns, extrasaction="ignore")
+                    .writerow(scalar_items(record)))
         self._events.add(EVAL_PREFIX, _evaluation_scalars(record), record["round"])
 
     def close(self) -> None:

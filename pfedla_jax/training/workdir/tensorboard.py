@@ -13,6 +13,7 @@ rewrites no event (metrics.jsonl and metrics.csv are written as always).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -122,12 +123,24 @@ class EventFile:
     """
 
     def __init__(self, path: str):
+        self.path = path
         self._event, self._summary = _protos()
         self._f = open(path, "wb")  # pylint: disable=consider-using-with  (closed by close())
         self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def _write(self, event) -> None:
-        self._f.write(tfrecord.encode(event.SerializeToString()))
+        with self._named_errors():
+            self._f.write(tfrecord.encode(event.SerializeToString()))
+
+    @contextlib.contextmanager
+    def _named_errors(self):
+        """An OSError of the buffered file (raised by a flush, without a file name) names it."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                raise OSError(e.errno, e.strerror, self.path) from e
+            raise
 
     def scalar(self, name: str, value: float, step: int, wall_time: float | None = None) -> None:
         """Adds `value` under stored_tag(name) at `step` (wall time: now unless given)."""
@@ -137,13 +150,19 @@ class EventFile:
 
     def flush(self, sync: bool = False) -> None:
         """Hands the events to the OS (a running TensorBoard sees them); `sync`: and to disk."""
-        self._f.flush()
-        if sync:
-            os.fsync(self._f.fileno())
+        with self._named_errors():
+            self._f.flush()
+            if sync:
+                os.fsync(self._f.fileno())
 
     def close(self) -> None:
-        self.flush(sync=True)
-        self._f.close()
+        try:
+            self.flush(sync=True)
+        finally:
+            try:
+                self._f.close()
+            except OSError:
+                pass  # (the flush above raised the same error, with the path)
 
 
 def truncate_tensorboard(tb_dir: str, resume_round: int,
