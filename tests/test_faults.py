@@ -275,7 +275,7 @@ def test_a_write_error_is_one_line_and_the_rerun_resumes(tmp_path, reference, mo
         if writer == "metrics":      # the third row's append
             _fail_at(m, metrics, "_append", after=4)   # (jsonl and csv: two calls a row)
         elif writer == "export":     # alpha.npz at the third checkpoint
-            _fail_at(m, exports.np, "savez", after=2)
+            _fail_at(m, exports.zipfile, "ZipFile", after=2)
         elif writer == "tensorboard":  # an event written into the buffered file
             _fail_at(m, tensorboard.tfrecord, "encode", after=40, with_path=False)
         elif writer == "summary":
@@ -410,3 +410,45 @@ def test_sigterm_in_the_python_api_raises_run_interrupted_and_resumes(tmp_path, 
     assert summary["resumed_from_round"] == 3
     assert summary["total_seconds"] > summary["attempt_seconds"] > 0
     assert summary["first_round_seconds"] > 0
+
+
+def test_table_and_sweep_report_a_locked_workdir_as_running_elsewhere(tmp_path, capsys):
+    """experiments.table does not start a run whose workdir another command holds (status
+    'elsewhere', with the holder); experiments.sweep leaves it out of its table, says so, and
+    exits 2 after the runs it could do (here none)."""
+    from experiments import sweep, table
+    workdir = str(tmp_path / "t")
+    os.makedirs(workdir)
+    spec = table.RunSpec(method="fedavg", seed=0, workdir=workdir, log=str(tmp_path / "t.log"),
+                         argv=("-c", "raise SystemExit(3)"))
+    with WorkdirLock(workdir):
+        status, why = table.execute(spec)
+        assert status == "elsewhere" and why.startswith(f"pid {os.getpid()} on host ")
+        assert not os.path.exists(spec.log)   # nothing was started
+        sweep_dir = tmp_path / "s"
+        os.makedirs(sweep_dir / "a" / "seed_0")
+        with WorkdirLock(str(sweep_dir / "a" / "seed_0")):
+            with pytest.raises(SystemExit) as e:
+                sweep.main(["experiments.sweep", "--dataset=synthetic", "--synthetic_per_class=20",
+                            "--num_clients=4", "--classes_per_client=2", "--rounds=1",
+                            "--local_steps=1", "--batch_size=8", f"--sweep_dir={sweep_dir}",
+                            "--run=a:algorithm=fedavg"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2
+    assert "running elsewhere" in out
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("error: 1 run(s) left out, "
+                                                                        "running elsewhere: a seed 0")
+    assert table.execute(spec)[0] == "failed"   # free again: it runs (and this argv fails)
+
+
+def test_a_process_that_does_not_see_the_primarys_lock_is_refused(tmp_path):
+    """check_shared (every process but the primary, in a launched run): the workdir it sees
+    must hold the primary's lock with the token the primary broadcast."""
+    from pfedla_jax.training.workdir import check_shared
+    workdir = str(tmp_path)
+    with pytest.raises(UserInputError, match="process 1 does not see process 0's --workdir"):
+        check_shared(workdir, 5, 1)   # no lock: another filesystem
+    with WorkdirLock(workdir, token=6):
+        with pytest.raises(UserInputError, match="on a filesystem they share"):
+            check_shared(workdir, 5, 1)   # another run's lock
+        check_shared(workdir, 6, 1)

@@ -221,10 +221,26 @@ def _rows(workdir):
         return 0
 
 
+# the run a killed launch resumes to: pFedLA, 16 rounds, checkpoints every 2
+KILLED = COMMON + ["--algorithm=pfedla", "--rounds=16", "--checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def killed_reference(tmp_path_factory):
+    """The uninterrupted run of KILLED in one process with 2 devices: its workdir."""
+    one = str(tmp_path_factory.mktemp("killed_reference") / "one")
+    _ok(_single(2, KILLED + [f"--workdir={one}"]))
+    return one
+
+
 @pytest.mark.slow
-def test_killed_worker_is_one_error_line_and_the_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("victim", [1, 0])
+def test_killed_worker_is_one_error_line_and_the_rerun_resumes(tmp_path, killed_reference, victim):
+    """SIGKILL of one process of a 2-process launch mid-run (process 1, or process 0: the
+    coordinator, which also holds the workdir's lock): one `error:` line naming it, no
+    process left, and the same command resumes to the uninterrupted run's files."""
     workdir = str(tmp_path / "mp")
-    flags = COMMON + ["--algorithm=pfedla", "--rounds=16", "--checkpoint_every=2", f"--workdir={workdir}"]
+    flags = KILLED + [f"--workdir={workdir}"]
     launcher = subprocess.Popen(
         [sys.executable, "-m", "experiments.launch", "--processes=2", "--devices_per_process=1", "--",
          *flags], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -234,7 +250,8 @@ def test_killed_worker_is_one_error_line_and_the_rerun_resumes(tmp_path):
             time.sleep(0.05)
         assert launcher.poll() is None, "the run ended before a worker could be killed"
         victims = [p for p in _pids_of(f"--workdir={workdir}") if p != launcher.pid]
-        victims = [p for p in victims if "--process_id=1" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
+        victims = [p for p in victims
+                   if f"--process_id={victim}" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
         assert len(victims) == 1, victims
         killed = time.monotonic()
         os.kill(victims[0], signal.SIGKILL)
@@ -246,14 +263,12 @@ def test_killed_worker_is_one_error_line_and_the_rerun_resumes(tmp_path):
     assert launcher.returncode != 0
     lines = [line for line in err.splitlines() if line.strip()]
     assert len([line for line in lines if line.startswith("error: ")]) == 1, err
-    assert lines[-1].startswith("error: process 1 of 2 was killed by SIGKILL"), err
+    assert lines[-1].startswith(f"error: process {victim} of 2 was killed by SIGKILL"), err
     assert not _pids_of(f"--workdir={workdir}"), "a worker outlived the launcher"
     assert 3 <= _rows(workdir) < 16
     # the same command again resumes from the latest checkpoint, to the uninterrupted numbers
     _ok(_launch(2, 1, flags))
-    one = str(tmp_path / "one")
-    _ok(_single(2, [f if not f.startswith("--workdir=") else f"--workdir={one}" for f in flags]))
-    _assert_same_run(workdir, one)
+    _assert_same_run(workdir, killed_reference)
 
 
 @pytest.mark.slow

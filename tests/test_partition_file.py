@@ -169,7 +169,9 @@ def test_run_on_a_file_of_another_scheme_uses_its_clients(tmp_path):
     # the run's start (its data and workdir) only: its rounds would compile a program for
     # these client sizes, as long as everything else in this file together
     exp = build_experiment(_config(partition=f"file:{path}"))
-    start_run(exp, str(tmp_path / "run"), RunOptions(tensorboard=False)).close()
+    run = start_run(exp, str(tmp_path / "run"), RunOptions(tensorboard=False))
+    run.close()
+    run.release()
     store = exp.context.store
     assert np.asarray(store.train_count).tolist() == [len(t) for t in part.train_indices]
     assert np.asarray(store.test_count).tolist() == [len(t) for t in part.test_indices]

@@ -244,14 +244,25 @@ class Run:
                 f"(round {last}) is kept in {self.workdir}")
 
     def close(self) -> None:
-        # the export history: at checkpoints and once at the end (rewriting the growing
-        # history at every evaluation would cost O(evaluations^2) writes)
+        """Writes what is pending and closes the writers; each is closed even when one fails
+        (a full disk), and the first error is raised after."""
+        steps = []
         if self.exports is not None:
-            self.exports.save()
+            # the export history: at checkpoints and once at the end (rewriting the growing
+            # history at every evaluation would cost O(evaluations^2) writes)
+            steps += [self.exports.save, self.exports.close]
         if self.checkpoints is not None:
-            self.checkpoints.close()
+            steps.append(self.checkpoints.close)
         if self.writer is not None:
-            self.writer.close()
+            steps.append(self.writer.close)
+        errors = []
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # pylint: disable=broad-except  (raised below)
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def release(self) -> None:
         """Releases the workdir's lock (after the last file of the run is written)."""
@@ -296,35 +307,55 @@ class StopRequests:
         self._previous = {}
 
 
-def start_run(exp: Experiment, workdir: str | None, options: RunOptions) -> Run:
-    """A fresh run, or the latest checkpoint of `workdir` when it holds this configuration."""
+def lock_workdir(workdir: str) -> WorkdirLock:
+    """Takes `workdir`'s lock for this command (creating the directory): one command at a
+    time writes a workdir. In a run over several processes the primary takes it and every
+    other process checks that it sees the workdir the primary locked (and gets a lock object
+    it does not hold). Every process of a run calls it (it broadcasts and syncs).
+
+    Raises:
+      WorkdirBusy: another live command holds it (the message names it).
+      UserInputError: the directory cannot be created, or (another process) it is not the
+        primary's.
+    """
+    token = multihost.broadcast_int(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
+    lock = WorkdirLock(workdir, token)
+    if multihost.is_primary():
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:
+            raise UserInputError(f"cannot write to --workdir {workdir!r}: {e.strerror or e}") from None
+        lock.acquire()
+    try:
+        multihost.sync("workdir locked")
+        if not multihost.is_primary():
+            check_shared(workdir, token, multihost.process_index())
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def start_run(exp: Experiment, workdir: str | None, options: RunOptions,
+              lock: WorkdirLock | None = None) -> Run:
+    """A fresh run, or the latest checkpoint of `workdir` when it holds this configuration.
+
+    `lock`: the workdir's lock, taken by the caller (lock_workdir); without one, start_run
+    takes it. The run holds it until `Run.release`.
+    """
     config, algo = exp.config, exp.algorithm
     state = algo.init(exp.keys.init)
     run = Run(state=state, workdir=workdir)
     if not workdir:
         return run
-    # Several processes: each checks the workdir as it finds it (a refusal is the same in
-    # all of them), the primary alone removes what --overwrite discards, and nobody creates
-    # anything in it (checkpoints/) before every process has looked.
-    primary = multihost.is_primary()
-    # one command at a time: the primary takes the workdir's lock before anything there is
-    # read or written; the others check they see the workdir the primary locked
-    token = multihost.broadcast_int(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
-    if primary:
-        try:
-            os.makedirs(workdir, exist_ok=True)
-        except OSError as e:
-            raise UserInputError(f"cannot write to --workdir {workdir!r}: {e.strerror or e}") from None
-        run.lock = WorkdirLock(workdir, token)
-        run.lock.acquire()
+    own = lock is None
+    run.lock = lock_workdir(workdir) if own else lock
     try:
-        multihost.sync("workdir locked")
-        if not primary:
-            check_shared(workdir, token, multihost.process_index())
         _open_workdir(exp, run, options)
     except BaseException:
         run.close()
-        run.release()
+        if own:
+            run.release()
         raise
     return run
 
@@ -333,6 +364,9 @@ def _open_workdir(exp: Experiment, run: Run, options: RunOptions) -> None:
     """start_run's part in a locked workdir: checks it, restores the latest checkpoint, opens
     the writers (the primary's)."""
     config, algo, workdir, state = exp.config, exp.algorithm, run.workdir, run.state
+    # Several processes: each checks the workdir as it finds it (a refusal is the same in
+    # all of them), the primary alone removes what --overwrite discards, and nobody creates
+    # anything in it (checkpoints/) before every process has looked.
     primary = multihost.is_primary()
     resumable = prepare_workdir(workdir, config, options.overwrite, primary=primary)
     multihost.sync("workdir checked")
@@ -599,8 +633,18 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
     set_host_devices(options.host_devices)
     check_random_streams()
     enable_compilation_cache(options.compilation_cache_dir)
-    exp = build_experiment(config, options)
-    run = start_run(exp, workdir, options)
+    # an existing workdir's lock first: a second command on it stops before loading anything
+    # (a new workdir is created and locked by start_run, once the configuration has loaded:
+    # a refused command leaves no folder). The primary's view decides, for every process.
+    exists = bool(workdir) and bool(multihost.broadcast_int(int(os.path.isdir(workdir))))
+    lock = lock_workdir(workdir) if exists else None
+    try:
+        exp = build_experiment(config, options)
+        run = start_run(exp, workdir, options, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     ctx = exp.context
     train_counts, test_counts = np.asarray(ctx.store.train_count), np.asarray(ctx.store.test_count)
     log(f"{exp.algorithm.name}: {config.dataset} {config.partition}, {config.num_clients} clients "

@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pfedla_jax.core import multihost
-from pfedla_jax.core.client_parallel import make_mesh, replicated
+from pfedla_jax.core.client_parallel import client_sharding, make_mesh, replicated
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.training.workdir import files
 
@@ -162,10 +162,13 @@ class Checkpoints:
                 continue
             for bad, _ in damaged:
                 self.manager.delete(bad)
-            # Orbax returns arrays committed to a device; a fresh run's state is uncommitted
-            # and may be placed anywhere (e.g. split over the host devices by the 'shard'
-            # strategy). The host round trip copies the bits exactly.
-            state = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), out["state"])
+            # One process: orbax returns arrays committed to a device; a fresh run's state is
+            # uncommitted and may be placed anywhere (e.g. split over the host devices by the
+            # 'shard' strategy). The host round trip copies the bits exactly. Several: the
+            # arrays are global, split or whole as _restore_target asked; the caller places them.
+            state = out["state"]
+            if jax.process_count() == 1:
+                state = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), state)
             return step, state, out["arrays"], meta, damaged
         newest, why = damaged[0] if damaged else (None, "none found")
         raise UserInputError(
@@ -267,11 +270,20 @@ def _reason(err: BaseException) -> str:
 
 
 def _restore_target(state_like: Any) -> Any:
-    """What orbax restores the state into. One process: `state_like` itself. Several: every
-    array whole on every device of the run's mesh, so each process reads the checkpoint
-    completely whatever number of processes wrote it (the caller pads and splits it over
-    this run's mesh: a run resumes with another process count)."""
+    """What orbax restores the state into. One process: `state_like` itself. Several: a
+    per-client leaf that this run splits over its mesh without padding rows (N a multiple of
+    the devices) straight into that split, so each process reads only its own rows (orbax
+    reads any split of what any number of processes wrote); every other leaf (the server's,
+    or a client stack this run pads) whole on every device (the caller pads and splits it).
+    Either way a run resumes with another process count."""
     if jax.process_count() == 1:
         return state_like
-    whole = replicated(make_mesh("shard"))
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole), state_like)
+    mesh = make_mesh("shard")
+    whole, split = replicated(mesh), client_sharding(mesh)
+
+    def target(a):
+        rows_split = (isinstance(a, jax.Array) and a.ndim > 0 and a.shape[0] % mesh.size == 0
+                      and a.sharding.is_equivalent_to(split, a.ndim))
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=split if rows_split else whole)
+
+    return jax.tree.map(target, state_like)
