@@ -309,19 +309,26 @@ def test_a_write_error_is_one_line_and_the_rerun_resumes(tmp_path, reference, mo
     _assert_same_run(workdir, reference)
 
 
+# experiments.run in a process whose files may not exceed 64 KiB (the write fails with EFBIG
+# instead of SIGXFSZ killing the process); the run's flags follow
+FILE_SIZE_LIMIT = textwrap.dedent("""
+    import resource, runpy, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+    sys.argv = ["experiments.run", *sys.argv[1:]]
+    runpy.run_module("experiments.run", run_name="__main__")
+""")
+
+
 @pytest.mark.slow
 def test_a_file_size_limit_in_a_real_process_is_one_line_and_resumable(tmp_path, reference):
     """The OS refuses a write (RLIMIT_FSIZE: a file over 64 KiB, EFBIG): here the first
-    checkpoint's data file, written by tensorstore in orbax's thread. One line, status 2, and
-    the same command without the limit ends with the uninterrupted run's files."""
-    import resource
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # the write fails instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
-
+    checkpoint's data file, written by tensorstore in orbax's thread. One `error:` line (the
+    last), status 2, and the same command without the limit ends with the uninterrupted run's
+    files."""
     workdir = str(tmp_path / "run")
-    p = _run_cli(FLAGS + [f"--workdir={workdir}"], preexec_fn=limit)
+    p = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, *FLAGS, f"--workdir={workdir}"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
     assert p.returncode == 2, p.stderr[-3000:]
     lines = p.stderr.strip().splitlines()
     # (tensorstore's own threads may print tracebacks of the same failure before it:
