@@ -327,7 +327,9 @@ def test_a_file_size_limit_in_a_real_process_is_one_line_and_resumable(tmp_path,
     last), status 2, and the same command without the limit ends with the uninterrupted run's
     files."""
     workdir = str(tmp_path / "run")
-    p = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, *FLAGS, f"--workdir={workdir}"],
+    # (no compilation cache: JAX would leave cut entries in the session's shared cache)
+    p = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, *FLAGS, "--compilation_cache=",
+                        f"--workdir={workdir}"],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
     assert p.returncode == 2, p.stderr[-3000:]
     lines = p.stderr.strip().splitlines()
