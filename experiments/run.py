@@ -92,9 +92,9 @@ def main(argv) -> None:
     except RunInterrupted as stop:  # (one process: see StopRequests)
         print(stopped_line(stop, workdir, argv), file=sys.stderr, flush=True)
         sys.exit(128 + stop.signum)
-    except KeyboardInterrupt:  # before the rounds started (loading data, compiling)
-        print("stopped by SIGINT before the first round of this command; the same command "
-              f"starts again: {resume_command(argv)}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # outside the rounds (loading data, compiling, or finishing)
+        print("stopped by SIGINT outside the rounds; the same command resumes from the latest "
+              f"checkpoint, if any: {resume_command(argv)}", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
     except UserInputError as e:
         if multihost.process_count() == 1:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 
 from absl import flags
 
 from experiments.cli import fail, start
-from pfedla_jax.errors import UserInputError
+from pfedla_jax.errors import RunInterrupted, UserInputError
 from pfedla_jax.training.command_line import (algorithm_config_from_flags, config_from_argv,
                                               help_text, wants_help)
 from pfedla_jax.training.config import apply_overrides
@@ -94,6 +95,12 @@ def main(argv):
             workdir = (os.path.join(root, name, f"seed_{config.seed}") if root else None)
             try:
                 summary = run_experiment(config, workdir, log=lambda s: None, options=options)
+            except RunInterrupted as stop:  # (the run checkpointed its round when it could)
+                kept = (f"its checkpoint is in {workdir}; re-run the same command to resume"
+                        if workdir else "nothing was saved (no --sweep_dir)")
+                print(f"stopped by {signal.Signals(stop.signum).name} in run {name} seed {config.seed} "
+                      f"after round {stop.round_done} of {stop.rounds}; {kept}", file=sys.stderr, flush=True)
+                sys.exit(128 + stop.signum)
             except WorkdirBusy as e:  # another command runs it: not a failure of this sweep
                 elsewhere.append(f"{name} seed {config.seed}: running elsewhere "
                                  f"({describe_holder(e.holder)})")

@@ -27,7 +27,7 @@ from pfedla_jax.errors import RunInterrupted, UserInputError
 from pfedla_jax.training.config import ExperimentConfig, RunOptions, cohort_size
 from pfedla_jax.training.loop import run_experiment
 from pfedla_jax.training.workdir import (LOCK_FILE, WorkdirBusy, WorkdirLock, describe_holder,
-                                         lock_holder)
+                                         lock_holder, read_scalar_events)
 from pfedla_jax.training.workdir import checkpoints as checkpoints_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +72,12 @@ def _assert_same_run(a, b):
 
 
 REFERENCE_LOG: list[str] = []   # the reference run's log lines
+
+
+def _events(workdir):
+    """TensorBoard scalars (tag, step, value) but wall-clock ones, sorted."""
+    return sorted((tag, step, value) for tag, step, value, _ in read_scalar_events(os.path.join(workdir, "tb"))
+                  if "seconds" not in tag and "per_second" not in tag)
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +197,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
     if how == "swap":
         assert "its state differs from the state that was saved" in notes[0]
     _assert_same_run(workdir, reference)
+    # TensorBoard's events too: the recomputed round's are not doubled
+    assert _events(workdir) == _events(reference)
 
 
 def _with_rounds(config, rounds):
@@ -266,13 +274,16 @@ def _fail_at(monkeypatch, target, name, after, with_path=True):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("writer", ["metrics", "export", "tensorboard", "summary", "checkpoint"])
+@pytest.mark.parametrize("writer", ["partition", "metrics", "export", "tensorboard", "summary",
+                                    "checkpoint"])
 def test_a_write_error_is_one_line_and_the_rerun_resumes(tmp_path, reference, monkeypatch, writer):
     from pfedla_jax.training import loop as loop_module
     from pfedla_jax.training.workdir import exports, metrics, tensorboard
     workdir = str(tmp_path / "run")
     with monkeypatch.context() as m:
-        if writer == "metrics":      # the third row's append
+        if writer == "partition":    # while the run starts (partition.json)
+            _fail_at(m, loop_module.partition_file, "write_partition", after=0)
+        elif writer == "metrics":    # the third row's append
             _fail_at(m, metrics, "_append", after=4)   # (jsonl and csv: two calls a row)
         elif writer == "export":     # alpha.npz at the third checkpoint
             _fail_at(m, exports.zipfile, "ZipFile", after=2)
@@ -301,10 +312,11 @@ def test_a_write_error_is_one_line_and_the_rerun_resumes(tmp_path, reference, mo
     if writer == "tensorboard":
         assert os.path.join(workdir, "tb") in message   # the buffered file's error names it
     assert "keeps the checkpoint of round" in message or "no checkpoint was saved yet" in message
-    # nothing half-written: every metrics line parses
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            json.loads(line)
+    # nothing half-written: every metrics line parses (a run that failed as it started has none)
+    if writer != "partition":
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                json.loads(line)
     run_experiment(CONFIG, workdir, log=lambda s: None, options=OPTIONS)
     _assert_same_run(workdir, reference)
 

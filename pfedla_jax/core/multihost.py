@@ -108,6 +108,13 @@ def broadcast_int(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+def all_true(flag: bool) -> bool:
+    """True iff `flag` is true in every process (the flag itself in one process)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
 def parse_num_processes(text: str) -> int | None:
     """'auto' -> None (detected by the cluster manager), else a positive int.
 

@@ -298,8 +298,10 @@ class StopRequests:
         if self.signum is None:
             self.signum = signum
             return
-        done = len(self.run.round_times)
-        raise self.run.interrupted(self.exp, self.signum, done, finished_round=False)
+        # (no call into orbax from a signal handler: run_experiment fills in the checkpoint
+        # round once the writers are closed)
+        raise RunInterrupted(self.signum, len(self.run.round_times), self.exp.config.rounds, None,
+                             finished_round=False)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -320,12 +322,21 @@ def lock_workdir(workdir: str) -> WorkdirLock:
     """
     token = multihost.broadcast_int(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
     lock = WorkdirLock(workdir, token)
+    refused = None
     if multihost.is_primary():
         try:
-            os.makedirs(workdir, exist_ok=True)
-        except OSError as e:
-            raise UserInputError(f"cannot write to --workdir {workdir!r}: {e.strerror or e}") from None
-        lock.acquire()
+            try:
+                os.makedirs(workdir, exist_ok=True)
+            except OSError as e:
+                raise UserInputError(f"cannot write to --workdir {workdir!r}: {e.strerror or e}") from None
+            lock.acquire()
+        except UserInputError as e:
+            refused = e
+    # every process learns the primary's outcome (none waits in a barrier for a refused one)
+    if not multihost.all_true(refused is None):
+        if refused is not None:
+            raise refused
+        raise UserInputError(f"process 0 could not lock --workdir {workdir!r} (its error names why)")
     try:
         multihost.sync("workdir locked")
         if not multihost.is_primary():
@@ -353,9 +364,11 @@ def start_run(exp: Experiment, workdir: str | None, options: RunOptions,
     try:
         _open_workdir(exp, run, options)
     except BaseException:
-        run.close()
-        if own:
-            run.release()
+        try:
+            run.close()
+        finally:
+            if own:
+                run.release()
         raise
     return run
 
@@ -390,6 +403,7 @@ def _open_workdir(exp: Experiment, run: Run, options: RunOptions) -> None:
         step, saved, arrays, meta, damaged = run.checkpoints.restore(algo.to_checkpoint(state))
         run.notes += [f"the checkpoint of round {bad} is damaged ({why}): deleted; resuming from "
                       f"round {step}, rounds {step + 1}-{bad} are recomputed" for bad, why in damaged]
+        resume_round = step  # (events after the restored round are rewritten too)
         saved_schedule = np.asarray(arrays["schedule"])
         if not np.array_equal(saved_schedule, exp.schedule[:saved_schedule.shape[0]]) or not np.array_equal(
                 np.asarray(arrays["train_key"]), np.asarray(jax.random.key_data(exp.keys.train))):
@@ -638,43 +652,49 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
     # a refused command leaves no folder). The primary's view decides, for every process.
     exists = bool(workdir) and bool(multihost.broadcast_int(int(os.path.isdir(workdir))))
     lock = lock_workdir(workdir) if exists else None
+    run, writing = None, False
     try:
         exp = build_experiment(config, options)
+        writing = True  # (from here an OSError is a file of the run that could not be written)
         run = start_run(exp, workdir, options, lock)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-    ctx = exp.context
-    train_counts, test_counts = np.asarray(ctx.store.train_count), np.asarray(ctx.store.test_count)
-    log(f"{exp.algorithm.name}: {config.dataset} {config.partition}, {config.num_clients} clients "
-        f"({config.clients_per_round}/round), train/test per client {int(train_counts.mean())}/"
-        f"{int(test_counts.mean())}, {ctx.model_params} params, {ctx.trainer.num_steps} local "
-        f"steps/round, strategy={ctx.trainer.strategy}"
-        + (f"; {exp.algorithm.describe()}" if exp.algorithm.describe() else "")
-        + (f"; resumed after round {run.resumed_from}" if run.resumed_from else ""))
-    for note in run.notes:
-        log(note)
-    t_start = time.perf_counter()
-    try:
+        ctx = exp.context
+        train_counts, test_counts = np.asarray(ctx.store.train_count), np.asarray(ctx.store.test_count)
+        log(f"{exp.algorithm.name}: {config.dataset} {config.partition}, {config.num_clients} clients "
+            f"({config.clients_per_round}/round), train/test per client {int(train_counts.mean())}/"
+            f"{int(test_counts.mean())}, {ctx.model_params} params, {ctx.trainer.num_steps} local "
+            f"steps/round, strategy={ctx.trainer.strategy}"
+            + (f"; {exp.algorithm.describe()}" if exp.algorithm.describe() else "")
+            + (f"; resumed after round {run.resumed_from}" if run.resumed_from else ""))
+        for note in run.notes:
+            log(note)
+        t_start = time.perf_counter()
         try:
             with StopRequests(exp, run) as stop:
                 train_loop(exp, run, Progress(log, options.log_every, config.rounds), stop)
         finally:
             run.close()
         return finish(exp, run, time.perf_counter() - t_start)
-    except OSError as e:
+    except OSError as e:  # (a full disk, while starting, training or finishing)
+        if not writing:
+            raise
         raise UserInputError(write_failure(e, run)) from None
+    except RunInterrupted as stop:
+        if stop.checkpoint_round is None and run is not None and run.checkpoints is not None:
+            stop.checkpoint_round = run.checkpoints.committed_round()
+        raise
     finally:
-        run.release()
+        if run is not None:
+            run.release()
+        elif lock is not None:
+            lock.release()
 
 
-def write_failure(error: OSError, run: Run) -> str:
+def write_failure(error: OSError, run: Run | None) -> str:
     """The one line for a file the run could not write (a full disk, a quota, a lost mount):
     the path and the system's reason, what the workdir keeps, and how to go on."""
     where = error.filename or "a file of the run"
     last = None
-    if run.checkpoints is not None:
+    if run is not None and run.checkpoints is not None:
         try:
             last = run.checkpoints.latest_round()
         except Exception:  # pylint: disable=broad-except  (the directory itself may be gone)

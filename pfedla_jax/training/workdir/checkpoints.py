@@ -93,6 +93,16 @@ class Checkpoints:
         """The round of the newest committed checkpoint, None without one."""
         return self.manager.latest_step()
 
+    def committed_round(self) -> int | None:
+        """The newest committed step, read from the folder names alone (orbax renames a step's
+        temporary folder to its round when the save commits): safe where orbax may not be
+        called, e.g. after a signal interrupted it."""
+        try:
+            steps = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+        except OSError:
+            return None
+        return max(steps) if steps else None
+
     def due(self, round_done: int, final: bool) -> bool:
         """Whether to checkpoint after `round_done` rounds: every `every` rounds and at the end."""
         return final or (self.every > 0 and round_done % self.every == 0)
@@ -134,6 +144,7 @@ class Checkpoints:
     def _restore(self, state_like: Any) -> tuple[int, Any, dict, dict, list[tuple[int, str]]]:
         damaged: list[tuple[int, str]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
+            out, why = None, None
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(_restore_target(state_like)),
@@ -147,15 +158,16 @@ class Checkpoints:
                         f"another structure than this run's ({first[0].strip().rstrip(':') if first else 'entries differ'}: "
                         f"written by another version?); resume with that version or use a new "
                         "--workdir") from None
-                damaged.append((step, _reason(err)))
-                continue
+                why = _reason(err)
             except Exception as err:  # pylint: disable=broad-except  (whatever a damaged file raises)
-                damaged.append((step, _reason(err)))
+                why = _reason(err)
+            if why is None and not isinstance(out["meta"], dict):
+                why = "its meta item is not a JSON object"
+            # every process decides alike (each read its own rows; the checksum is a collective)
+            if not multihost.all_true(why is None):
+                damaged.append((step, why or "another process could not read its part"))
                 continue
             meta = out["meta"]
-            if not isinstance(meta, dict):
-                damaged.append((step, "its meta item is not a JSON object"))
-                continue
             expected = meta.get("checksum")  # (absent in checkpoints of earlier versions)
             if expected is not None and tree_checksum(out["state"]) != list(expected):
                 damaged.append((step, "its state differs from the state that was saved"))
@@ -219,23 +231,24 @@ def _stderr_dropped_on_failure(always: bool = False):
     one line) while tensorstore's threads print their own tracebacks of the same failure."""
     sys.stderr.flush()
     saved = os.dup(2)
+    captured = tempfile.TemporaryFile()
     failed = always
-    with tempfile.TemporaryFile() as captured:
+    try:
         os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if not failed:
-                captured.seek(0)
-                data = captured.read()
-                if data:
-                    os.write(2, data)
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if not failed:
+            captured.seek(0)
+            data = captured.read()
+            if data:
+                os.write(2, data)
+        captured.close()
 
 
 def _drop_unretrieved_task_errors(record: logging.LogRecord) -> bool:

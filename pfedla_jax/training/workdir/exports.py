@@ -150,8 +150,12 @@ class ExportLog:
             os.remove(self.path)
         else:
             tmp = files.temporary_name(self.path)
-            self._write_npz(tmp)
-            os.replace(tmp, self.path)  # never a half-written file
+            try:
+                self._write_npz(tmp)
+                os.replace(tmp, self.path)  # never a half-written file
+            except OSError:
+                files.remove_if_present(tmp)  # (on a full disk, the space it took)
+                raise
         self._saved = len(self.rounds)
 
     def close(self) -> None:
