@@ -28,6 +28,7 @@ import numpy as np
 from pfedla_jax.core.client_parallel import (client_sharding, padded_size, put_rows,
                                              replicated, take_rows)
 from pfedla_jax.core import multihost
+from pfedla_jax.algorithms.search_space import CLIENT_LR, Hyperparameter
 from pfedla_jax.core.evaluation import View
 from pfedla_jax.core.local_training import ClientTrainer, LocalTrainConfig
 from pfedla_jax.core.stacking import broadcast_clients, pad_clients, tree_bytes, unpad_clients
@@ -186,7 +187,8 @@ class Algorithm(abc.ABC):
     `server_state_keys` (state entries without a client axis, e.g. FedAvg's global model;
     every other entry is per client) and, if they export arrays at evaluations,
     `export_name` (the file WORKDIR/<export_name>.npz) and `export_metadata()`.
-    Optional metadata: `display_name` (the method's usual name), `table_rows` (its rows of
+    Optional metadata: `search_space` (the hyperparameters worth tuning, with their ranges;
+    default the client lr), `display_name` (the method's usual name), `table_rows` (its rows of
     the comparison table; default one row named `display_name`), the closed form of its
     state's size (`state_size_terms`, `state_size_symbols`) and the config variants that
     change its state (`state_size_variants`), for `experiments.bench.state_size`.
@@ -204,6 +206,9 @@ class Algorithm(abc.ABC):
     state_size_variants: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     server_state_keys: tuple[str, ...] = ()
     export_name: str | None = None
+    # the hyperparameters `experiments.tune` searches (algorithms/search_space.py): the
+    # client lr by default; an algorithm adds its own, each with the source of its range
+    search_space: tuple[Hyperparameter, ...] = (CLIENT_LR,)
 
     def __init__(self, ctx: FLContext, config: Any = None):
         self.ctx = ctx
