@@ -92,6 +92,9 @@ def main(argv):
                 config = apply_overrides(dataclasses.replace(base, seed=seed), items, from_flags)
             except UserInputError as e:
                 fail(f"{name}: {e}")
+            if not config.evaluate_test:
+                fail(f"{name}: a sweep compares test accuracy; --evaluate_test=false is for "
+                     "tuning (python -m experiments.tune)")
             workdir = (os.path.join(root, name, f"seed_{config.seed}") if root else None)
             try:
                 summary = run_experiment(config, workdir, log=lambda s: None, options=options)

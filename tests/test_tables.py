@@ -68,6 +68,7 @@ SWEEP_BAD = [
     (["--run=x:rounds=2.5"], "integer"),
     (["--run=x:train=5"], "group"),
     (["--seeds=0,1", "--run=x:seed=5"], "sets seed"),
+    (["--validation_fraction=0.2", "--run=x:evaluate_test=false"], "experiments.tune"),
 ]
 
 
