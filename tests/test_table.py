@@ -413,4 +413,5 @@ def test_params_pass_each_chosen_value_to_its_run_and_mark_untuned_rows(tmp_path
     assert "error: pfedla seed 0:" in again.stderr and "different configuration" in again.stderr
     assert "local seed 0: final test_acc" in again.stdout and "finished earlier, skipped" in again.stdout
     assert _config(out / "runs" / "pfedla" / "seed_0")["train"]["lr"] == 0.0321
-    assert "pFedLA | lr=0.1" not in (out / "table.md").read_text()
+    md = (out / "table.md").read_text()  # the row of the new values: no run of them finished
+    assert "| pFedLA | lr=0.1, hn_lr=0.0123, hn.embed_dim=7 | 87.00 (12 trials, 3 pruned) | none | – |" in md
