@@ -427,9 +427,9 @@ def _is_number(value: Any) -> bool:
 
 
 def read_params(path: str) -> TunedParams:
-    """Parses experiments.tune's best.json (the format is experiments.tune's `write_best`):
-    {"format": 1, "preset": P, "budget": B, "methods": {row: {"algorithm": A, "params": {key:
-    value}, "val_acc": x, "trials": n, ...}}, ...}.
+    """Parses experiments.tune's best.json: {"format": 1, "preset": P, "budget": B,
+    "methods": {row: {"algorithm": A, "params": {key: value}, "val_acc": x, "trials": n, ...}},
+    ...}.
 
     Raises:
       TableError: an unreadable file, not JSON, another format, or a field of the wrong type.
@@ -448,7 +448,7 @@ def read_params(path: str) -> TunedParams:
 
     if not isinstance(data, dict):
         raise bad(f"expected a JSON object, got {type(data).__name__}")
-    if data.get("format") != PARAMS_FORMAT:
+    if type(data.get("format")) is not int or data["format"] != PARAMS_FORMAT:
         raise TableError(f"--params {path}: format {data.get('format')!r}, expected {PARAMS_FORMAT} "
                          "(written by another version of experiments.tune?)")
     for name in ("preset", "budget"):
@@ -490,7 +490,8 @@ def read_params(path: str) -> TunedParams:
 def check_params(tuned: TunedParams, preset: Preset, budget: str) -> None:
     """Checks a best.json against the table: its preset and budget, and every method in it a
     registered row (the --import modules' rows included) of the algorithm it names, whose
-    params set no flag the tool sets itself.
+    params set no flag the tool sets itself and no option that defines the row (HeurpFedLA's
+    heur_k).
 
     Raises:
       TableError: naming the first mismatch.
@@ -509,8 +510,13 @@ def check_params(tuned: TunedParams, preset: Preset, budget: str) -> None:
         if rows[key].algorithm != method.algorithm:
             raise TableError(f"{where}: method {key!r} is algorithm {method.algorithm!r} there, but the "
                              f"row {key!r} runs {rows[key].algorithm!r}")
+        fields = {f.flag: f for f in config_fields(method.algorithm)}
+        row_options = {flag[2:].split("=", 1)[0] for flag in rows[key].flags[1:]}
         for flag in method.flags:
             name = flag[2:].split("=", 1)[0]
+            if name in row_options or (name in fields and fields[name].alias in row_options):
+                raise TableError(f"{where}: method {key!r} sets {flag}, an option that defines the row "
+                                 f"{key!r} itself ({' '.join(rows[key].flags[1:])})")
             if name in OWN_FLAGS:
                 raise TableError(f"{where}: method {key!r} sets {flag}, which the table tool sets itself")
             if name in SPLIT_FLAGS:
@@ -1043,6 +1049,11 @@ def make_table(preset_name: str, seeds_text: str, methods_text: str, budget: str
                        + ([f"--params={params}"] if tuned is not None else []))
     log(f"{preset.name}, budget {budget}: {len(methods)} methods x {len(seeds)} seeds = {len(specs)} runs "
         f"-> {os.path.abspath(table_dir)}")
+    if tuned is not None:
+        left = [k for k in tuned.methods if k not in methods]
+        log(f"tuned values from {params}: {', '.join(k for k in methods if k in tuned.methods) or 'none'}; "
+            f"untuned: {', '.join(k for k in methods if k not in tuned.methods) or 'none'}"
+            + (f"; in best.json but not in --methods (not run): {', '.join(left)}" if left else ""))
     lock = threading.Lock()
     counter = iter(range(1, len(specs) + 1))
     failures: list[str] = []

@@ -326,6 +326,7 @@ BAD_PARAMS = [  # (best.json's methods, its top-level fields, extra args, what t
     ({"pfedla": ("pfedla", {"perfedavg.beta": 0.01})}, {}, [], "is an option of --algorithm=perfedavg"),
     ({"pfedla": ("pfedla", {"pfedla.no_such_field": 1})}, {}, [], "no_such_field"),
     ({"pfedla": ("pfedla", {"seed": 3})}, {}, [], "sets --seed=3, which the table tool sets"),
+    ({"heurpfedla": ("pfedla", {"pfedla.heur_k": 2})}, {}, [], "an option that defines the row 'heurpfedla'"),
     ({"pfedla": ("pfedla", PFEDLA)}, {}, ["--run_flags=--lr=0.1"], "may not set --lr: --params gives it"),
     ({"pfedla": ("pfedla", PFEDLA)}, {"methods": {}}, [], "no 'methods'"),
     ({"pfedla": ("pfedla", PFEDLA)}, {"methods": {"pfedla": {"algorithm": "pfedla"}}}, [], "'params' must be"),
@@ -385,6 +386,8 @@ def test_params_pass_each_chosen_value_to_its_run_and_mark_untuned_rows(tmp_path
             f"--table_dir={out}", f"--run_flags={TINY_NO_LR} --rounds=2"]
     p = _tool([*args, f"--params={best}"])
     assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-2000:]
+    assert (f"tuned values from {best}: pfedla; untuned: local; in best.json but not in --methods "
+            "(not run): fedavg") in p.stdout
     pfedla = _config(out / "runs" / "pfedla" / "seed_0")
     assert pfedla["train"]["lr"] == 0.0321 and pfedla["pfedla"]["hn_lr"] == 0.0123
     assert pfedla["pfedla"]["hn"]["embed_dim"] == 7
