@@ -26,8 +26,33 @@ Budgets: `paper` runs the preset as it is (the paper's rounds and local epochs);
 the flags of the preset's line `# CPU budget (experiments.table --budget=cpu): --rounds=...`
 (fewer rounds / local epochs; a preset without that line has no CPU budget).
 
+Tuned values (`--params=TUNE_DIR/best.json`, written by `experiments.tune` for the same
+preset and budget): every method best.json holds runs its final seeds with the values
+chosen on validation data, its `params` ({'train.lr': 0.05, 'pfedla.hn_lr': 0.1}) passed as
+experiments.run flags (`search_space.override_flags`: --lr=0.05 --pfedla_hn_lr=0.1) after
+the row's own flags and before --run_flags; on the full training split (no validation
+split: the data of an untuned run) and evaluated on the test split. A method asked for
+(--methods) that best.json lacks runs at its defaults and is marked "untuned". The table
+shows, per method, the chosen values and their validation accuracy (from best.json) beside
+the test accuracy. Default TABLE_DIR: runs/table/<preset>_<budget>_tuned.
+
+  python -m experiments.tune --preset=table1_fmnist_n10_small --budget=cpu --trials=12 \
+      --tune_dir=runs/tune/t1s_cpu
+  python -m experiments.table --preset=table1_fmnist_n10_small --budget=cpu --seeds=0,1,2 \
+      --params=runs/tune/t1s_cpu/best.json
+
+Before anything runs, best.json is checked: readable JSON of format 1, tuned on this preset
+and budget, every method in it a row of a registered algorithm (or of an --import module)
+of the algorithm it names, and its params accepted by the config (`apply_overrides` on the
+run's config, which must equal the config the run's flags give); --run_flags may not set a
+tuned value. A table folder holding runs of other values is not mixed into the table: a
+run's command (with its tuned flags) differs, so it is not "finished", and experiments.run
+refuses a workdir holding another configuration: that run is reported failed (exit 1, the
+old run left as it was); use another --table_dir (or delete the old runs).
+
 Writes into TABLE_DIR:
-  table.md, table.csv, table.json  per method, mean ± sample std over seeds of (a) the final
+  table.md, table.csv, table.json  per method (with --params: its tuned values and their
+      validation accuracy, or "untuned"), mean ± sample std over seeds of (a) the final
       round's test accuracy and (b) the mean over the last 10% of evaluated rounds (at least
       one: ceil(0.1 x evaluations)); the best evaluated round as a labelled extra column (it
       selects on the test set); the paper's number and ours (final) minus the paper's; the
@@ -42,7 +67,9 @@ The paper's numbers come from the preset's header lines `# Paper (...): pFedLA 9
 ...` and `# Paper, the baselines: ...`. Accuracies are in percent, as in the paper.
 
 Bad input (unknown preset or method, a seed list that does not parse, a budget the preset
-lacks, run flags the tool sets itself) prints one line `error: ...` and exits with status 2.
+lacks, run flags the tool sets itself or that change the data a table reports on
+(--validation_fraction, --evaluate_test), a best.json refused as above) prints one line
+`error: ...` and exits with status 2.
 A run that fails is reported (its last output line) and the table is written from the
 runs that finished; the exit status is then 1. So is a run whose workdir another command
 holds (WORKDIR/run.lock): reported as "running elsewhere" (its pid and host), not run.
@@ -70,13 +97,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from experiments.cli import fail, parse_flags
+from experiments.cli import fail
 from experiments.plots import plot_label_histogram, pyplot, save_figure
 from pfedla_jax.algorithms import algorithm_class, algorithm_names, config_fields
+from pfedla_jax.algorithms.search_space import override_flags
 from pfedla_jax.errors import UserInputError
-from pfedla_jax.training.command_line import config_from_argv, import_plugin
+from pfedla_jax.training.command_line import HELP_FLAGS, config_from_argv, import_plugin
+from pfedla_jax.training.config import apply_overrides
 from pfedla_jax.training.workdir import describe_holder, lock_holder
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
@@ -84,6 +113,10 @@ BUDGETS = ("paper", "cpu")
 CPU_BUDGET_MARK = "CPU budget (experiments.table --budget=cpu):"
 # Flags the tool sets for every run; --run_flags may not give them (nor a row's options).
 OWN_FLAGS = ("algorithm", "seed", "workdir", "flagfile", "overwrite", "quiet", "import")
+# Flags that change the data a table trains and reports on: every table trains on the full
+# training split and reports test accuracy (tuning's validation split is experiments.tune's).
+SPLIT_FLAGS = ("validation_fraction", "evaluate_test")
+PARAMS_FORMAT = 1  # the format of experiments.tune's best.json that --params reads
 # Datasets whose images have one channel: the model has no BatchNorm unless --use_bn=true.
 GRAY = ("fmnist", "synthetic", "tfds:fashion_mnist", "tfds:mnist")
 
@@ -152,7 +185,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         flag_values=flag_values)
     flags.DEFINE_string("budget", "paper", "paper (the preset's rounds and epochs) | cpu (the "
                         "preset's CPU budget line).", flag_values=flag_values)
-    flags.DEFINE_string("table_dir", None, "Output folder (default runs/table/<preset>_<budget>).",
+    flags.DEFINE_string("table_dir", None, "Output folder (default runs/table/<preset>_<budget>, "
+                        "with --params runs/table/<preset>_<budget>_tuned).", flag_values=flag_values)
+    flags.DEFINE_string("params", None, "The best.json of experiments.tune (same preset and budget): "
+                        "each method in it runs with its chosen values (on the full training split, "
+                        "evaluated on the test split); the other methods run untuned.",
                         flag_values=flag_values)
     flags.DEFINE_string("run_flags", "", "Extra experiments.run flags for every run, e.g. "
                         "'--host_devices=1 --client_parallelism=loop' (with --jobs=2 on a 2-core "
@@ -317,7 +354,191 @@ def parse_run_flags(text: str) -> list[str]:
         if name in own or name.removeprefix("no") in own:
             raise TableError(f"--run_flags may not set --{name}: the table tool sets it for each run"
                              + (" (use the table's --import)" if name == "import" else ""))
+        if name in SPLIT_FLAGS or name.removeprefix("no") in SPLIT_FLAGS:
+            raise TableError(f"--run_flags may not set --{name}: a table trains on the full training "
+                             "split and reports test accuracy (validation is experiments.tune's)")
     return items
+
+
+# ----------------------------------------------------------------------------- tuned values
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedMethod:
+    """One method of a best.json: the values experiments.tune chose and how.
+
+    Attributes:
+      key: the table row.
+      algorithm: the row's registered algorithm.
+      params: {`apply_overrides` key: value}, e.g. {'train.lr': 0.05, 'pfedla.hn_lr': 0.1}.
+      val_acc: the objective at those values (a fraction: validation accuracy, mean over the
+        last 10% of evaluated rounds), or None.
+      trials, complete, pruned, failed, best_trial: the study's counts and the chosen trial
+        (None where best.json leaves them out).
+      search_space: the ranges searched, as `Hyperparameter.describe()` wrote them.
+    """
+
+    key: str
+    algorithm: str
+    params: dict[str, Any]
+    val_acc: float | None = None
+    trials: int | None = None
+    complete: int | None = None
+    pruned: int | None = None
+    failed: int | None = None
+    best_trial: int | None = None
+    search_space: tuple[str, ...] = ()
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The experiments.run flags of `params` (`search_space.override_flags`)."""
+        return tuple(override_flags(self.params))
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedParams:
+    """A parsed best.json (written by experiments.tune; format 1).
+
+    Attributes:
+      path: absolute path of the file.
+      preset, budget: the preset name and budget it was tuned at.
+      methods: {row key: TunedMethod}, in the file's order.
+      validation_fraction, seed, objective: how it was tuned (as recorded; None if absent).
+      sha256: of the file's bytes.
+    """
+
+    path: str
+    preset: str
+    budget: str
+    methods: dict[str, TunedMethod]
+    validation_fraction: float | None = None
+    seed: int | None = None
+    objective: str | None = None
+    sha256: str = ""
+
+
+def _preset_name(text: str) -> str:
+    name = os.path.basename(text)
+    return name[: -len(".flags")] if name.endswith(".flags") else name
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_params(path: str) -> TunedParams:
+    """Parses experiments.tune's best.json: {"format": 1, "preset": P, "budget": B,
+    "methods": {row: {"algorithm": A, "params": {key: value}, "val_acc": x, "trials": n, ...}},
+    ...}.
+
+    Raises:
+      TableError: an unreadable file, not JSON, another format, or a field of the wrong type.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        data = json.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise TableError(f"cannot read --params {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TableError(f"--params {path} is not JSON: {e}") from None
+
+    def bad(what: str) -> TableError:
+        return TableError(f"--params {path} is not a best.json of experiments.tune: {what}")
+
+    if not isinstance(data, dict):
+        raise bad(f"expected a JSON object, got {type(data).__name__}")
+    if type(data.get("format")) is not int or data["format"] != PARAMS_FORMAT:
+        raise TableError(f"--params {path}: format {data.get('format')!r}, expected {PARAMS_FORMAT} "
+                         "(written by another version of experiments.tune?)")
+    for name in ("preset", "budget"):
+        if not isinstance(data.get(name), str) or not data[name]:
+            raise bad(f"no {name!r}")
+    if not isinstance(data.get("methods"), dict) or not data["methods"]:
+        raise bad("no 'methods' (an object of at least one method)")
+    tuned = {}
+    for key, entry in data["methods"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("algorithm"), str):
+            raise bad(f"method {key!r} has no 'algorithm'")
+        params = entry.get("params")
+        if not isinstance(params, dict) or not all(
+                isinstance(k, str) and isinstance(v, (bool, int, float, str)) for k, v in params.items()):
+            raise bad(f"method {key!r}: 'params' must be an object of key: number, bool or string")
+        val_acc = entry.get("val_acc")
+        if val_acc is not None and not _is_number(val_acc):
+            raise bad(f"method {key!r}: 'val_acc' must be a number, got {val_acc!r}")
+        counts = {}
+        for name in ("trials", "complete", "pruned", "failed", "best_trial"):
+            value = entry.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise bad(f"method {key!r}: {name!r} must be an integer, got {value!r}")
+            counts[name] = value
+        space = entry.get("search_space", [])
+        if not isinstance(space, list) or not all(isinstance(x, str) for x in space):
+            raise bad(f"method {key!r}: 'search_space' must be a list of strings")
+        tuned[key] = TunedMethod(key, entry["algorithm"], dict(params),
+                                 None if val_acc is None else float(val_acc), search_space=tuple(space),
+                                 **counts)
+    fraction, seed = data.get("validation_fraction"), data.get("seed")
+    return TunedParams(os.path.abspath(path), data["preset"], data["budget"], tuned,
+                       float(fraction) if _is_number(fraction) else None,
+                       seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+                       data.get("objective") if isinstance(data.get("objective"), str) else None,
+                       hashlib.sha256(raw).hexdigest())
+
+
+def check_params(tuned: TunedParams, preset: Preset, budget: str) -> None:
+    """Checks a best.json against the table: its preset and budget, and every method in it a
+    registered row (the --import modules' rows included) of the algorithm it names, whose
+    params set no flag the tool sets itself and no option that defines the row (HeurpFedLA's
+    heur_k).
+
+    Raises:
+      TableError: naming the first mismatch.
+    """
+    where = f"--params {tuned.path}"
+    if _preset_name(tuned.preset) != preset.name:
+        raise TableError(f"{where} was tuned on preset {tuned.preset!r}, not {preset.name!r}")
+    if tuned.budget != budget:
+        raise TableError(f"{where} was tuned at budget {tuned.budget!r}, not --budget={budget}")
+    rows = methods()
+    for key, method in tuned.methods.items():
+        if key not in rows:
+            raise TableError(f"{where} tunes method {key!r}, which is not a table row of a registered "
+                             f"algorithm (rows: {', '.join(rows)}; a user's algorithm: give its "
+                             "module with --import)")
+        if rows[key].algorithm != method.algorithm:
+            raise TableError(f"{where}: method {key!r} is algorithm {method.algorithm!r} there, but the "
+                             f"row {key!r} runs {rows[key].algorithm!r}")
+        fields = {f.flag: f for f in config_fields(method.algorithm)}
+        row_options = {flag[2:].split("=", 1)[0] for flag in rows[key].flags[1:]}
+        for flag in method.flags:
+            name = flag[2:].split("=", 1)[0]
+            if name in row_options or (name in fields and fields[name].alias in row_options):
+                raise TableError(f"{where}: method {key!r} sets {flag}, an option that defines the row "
+                                 f"{key!r} itself ({' '.join(rows[key].flags[1:])})")
+            if name in OWN_FLAGS:
+                raise TableError(f"{where}: method {key!r} sets {flag}, which the table tool sets itself")
+            if name in SPLIT_FLAGS:
+                raise TableError(f"{where}: method {key!r} sets {flag}: the final runs train on the full "
+                                 "training split and report test accuracy")
+
+
+def tuned_flag_names(tuned: TunedParams, methods_: Sequence[str]) -> dict[str, str]:
+    """{flag name (and its other name): the method that tunes it} for the methods of `methods_`
+    that `tuned` holds."""
+    out: dict[str, str] = {}
+    for key in methods_:
+        method = tuned.methods.get(key)
+        if method is None:
+            continue
+        fields = {f.flag: f for f in config_fields(method.algorithm)}
+        for flag in method.flags:
+            name = flag[2:].split("=", 1)[0]
+            out.setdefault(name, key)
+            if name in fields and fields[name].alias:
+                out.setdefault(fields[name].alias, key)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +551,7 @@ class RunSpec:
     log: str
     argv: tuple[str, ...]
     preset_sha256: str = ""
+    tuned_flags: tuple[str, ...] = ()  # the flags of the method's tuned values (in argv)
 
     @property
     def record(self) -> dict[str, Any]:
@@ -338,8 +560,11 @@ class RunSpec:
 
 
 def plan_runs(preset: Preset, seeds: Sequence[int], methods_: Sequence[str], budget: str,
-              run_flags: Sequence[str], table_dir: str, imports: Sequence[str] = ()) -> list[RunSpec]:
-    """Every (method, seed) run, methods in the paper's order, seeds inner.
+              run_flags: Sequence[str], table_dir: str, imports: Sequence[str] = (),
+              tuned: TunedParams | None = None) -> list[RunSpec]:
+    """Every (method, seed) run, methods in the paper's order, seeds inner. The flags of a run:
+    the preset's (--flagfile), the budget's, --import, the row's, the method's tuned values
+    (`tuned`, where it holds the method), --run_flags, --seed, --workdir.
 
     Raises:
       TableError: the budget is unknown or the preset has none of that kind.
@@ -359,13 +584,14 @@ def plan_runs(preset: Preset, seeds: Sequence[int], methods_: Sequence[str], bud
     plugin_flags = tuple(f"--import={p}" for p in imports)
     specs = []
     for method in methods_:
+        tuned_flags = tuned.methods[method].flags if tuned and method in tuned.methods else ()
         for seed in seeds:
             workdir = os.path.join(table_dir, "runs", method, f"seed_{seed}")
             argv = ("-m", "experiments.run", f"--flagfile={preset.path}", *budget_flags,
-                    *plugin_flags, *rows[method].flags, *run_flags, f"--seed={seed}",
+                    *plugin_flags, *rows[method].flags, *tuned_flags, *run_flags, f"--seed={seed}",
                     f"--workdir={workdir}", "--quiet")
             specs.append(RunSpec(method, seed, workdir, os.path.join(table_dir, "logs", f"{method}_seed{seed}.log"),
-                                 argv, preset.sha256))
+                                 argv, preset.sha256, tuned_flags))
     return specs
 
 
@@ -530,6 +756,43 @@ def order_differences(rows: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def add_tuned(rows: Sequence[dict[str, Any]], tuned: TunedParams) -> None:
+    """Marks each row tuned or not and adds, for a tuned one, its chosen values (`params`), their
+    validation accuracy from best.json (`val_acc`, in %) and the study's counts."""
+    for row in rows:
+        method = tuned.methods.get(row["method"])
+        row["tuned"] = method is not None
+        if method is None:
+            continue
+        row["algorithm"] = method.algorithm
+        row["params"] = dict(method.params)
+        row["val_acc"] = None if method.val_acc is None else 100 * method.val_acc
+        for name in ("trials", "complete", "pruned", "failed", "best_trial"):
+            row[name] = getattr(method, name)
+        row["search_space"] = list(method.search_space)
+
+
+def format_params(params: dict[str, Any], algorithm: str) -> str:
+    """'lr=0.05, hn_lr=0.1' (keys without their 'train.' or '<algorithm>.' prefix, numbers to 4
+    significant digits: table.json keeps the exact values)."""
+    def text(value):
+        if isinstance(value, bool):
+            return str(value).lower()
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return ", ".join(f"{k.removeprefix('train.').removeprefix(algorithm + '.')}={text(v)}"
+                     for k, v in params.items()) or "–"
+
+
+def _tuned_cells(r: dict[str, Any]) -> tuple[str, str]:
+    """(tuned values, validation accuracy) of a row of a tuned table."""
+    if not r.get("tuned"):
+        return "untuned (defaults)", "–"
+    val = "–" if r.get("val_acc") is None else f"{r['val_acc']:.2f}"
+    if r.get("trials") is not None:
+        val += f" ({r['trials']} trials" + (f", {r['pruned']} pruned" if r.get("pruned") else "") + ")"
+    return format_params(r["params"], r["algorithm"]), val
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -546,16 +809,26 @@ def format_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
              "Test accuracy (%), mean ± sample std over the seeds that finished (the mean alone for one "
              "seed). final: the last round; "
              "last 10%: the mean over the last 10% of evaluated rounds (at least one); best round: the best "
-             "evaluated round (selected on the test set, optimistic); Δ: ours (final) minus the paper's.", "",
-             "| method | seeds | final | last 10% | paper | Δ final − paper | best round (extra) "
-             "| other views, final | s/round |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "evaluated round (selected on the test set, optimistic); Δ: ours (final) minus the paper's.", ""]
+    tuned = meta.get("params") is not None
+    if tuned:
+        fraction = meta["params"].get("validation_fraction")
+        lines += ["Tuned values: chosen by experiments.tune (the best.json of --params) on a validation split "
+                  + (f"({100 * fraction:g}% of each client's training split) " if fraction else "")
+                  + "of this preset and budget; val acc (tuning): their validation accuracy (%, "
+                  + (meta["params"].get("objective") or "the tuning objective") + "). "
+                  "The runs here train on the full training split and report test accuracy. "
+                  "untuned: a method best.json does not hold, at its defaults.", ""]
+    lines += ["| method | " + ("tuned values | val acc (tuning) | " if tuned else "") + "seeds | final | "
+              "last 10% | paper | Δ final − paper | best round (extra) | other views, final | s/round |",
+              "|---|" + ("---|---|" if tuned else "") + "---|---|---|---|---|---|---|---|"]
     for r in rows:
         n = len(r["seeds"])
         views = "; ".join(f"{v}: {_pm(c, n)}" for v, c in r.get("views", {}).items()) or "–"
         diff = f"{r['diff_final']:+.2f}" if "diff_final" in r else "–"
         secs = f"{r['median_round_seconds']:.2f}" if "median_round_seconds" in r else "–"
-        lines.append(f"| {r['name']} | {','.join(map(str, r['seeds'])) or 'none'} | {_pm(r.get('final'), n)} | "
+        values = " | ".join(_tuned_cells(r)) + " | " if tuned else ""
+        lines.append(f"| {r['name']} | {values}{','.join(map(str, r['seeds'])) or 'none'} | {_pm(r.get('final'), n)} | "
                      f"{_pm(r.get('last10'), n)} | {_pm(r['paper'])} | {diff} | {_pm(r.get('best'), n)} | "
                      f"{views} | {secs} |")
     diffs = order_differences(rows)
@@ -565,20 +838,28 @@ def format_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
+def write_csv(path: str, rows: Sequence[dict[str, Any]], tuned: bool = False) -> None:
+    """One row per method; a tuned table (`tuned`) adds the columns tuned (true/false), params
+    (the chosen values, JSON) and val_acc (%, from best.json)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["method", "name", "seeds", "final_mean", "final_std", "last10_mean", "last10_std",
-                    "paper_mean", "paper_std", "diff_final", "best_mean", "best_std", "median_round_seconds"])
+                    "paper_mean", "paper_std", "diff_final", "best_mean", "best_std", "median_round_seconds"]
+                   + (["tuned", "params", "val_acc"] if tuned else []))
         for r in rows:
             def cell(key, i):
                 return "" if r.get(key) is None else f"{r[key][i]:.4f}"
+            extra = []
+            if tuned:
+                extra = [str(bool(r.get("tuned"))).lower(),
+                         json.dumps(r["params"]) if r.get("tuned") else "",
+                         "" if r.get("val_acc") is None else f"{r['val_acc']:.4f}"]
             w.writerow([r["method"], r["name"], " ".join(map(str, r["seeds"])),
                         cell("final", 0), cell("final", 1), cell("last10", 0), cell("last10", 1),
                         cell("paper", 0), cell("paper", 1),
                         f"{r['diff_final']:.4f}" if "diff_final" in r else "",
                         cell("best", 0), cell("best", 1),
-                        f"{r['median_round_seconds']:.4f}" if "median_round_seconds" in r else ""])
+                        f"{r['median_round_seconds']:.4f}" if "median_round_seconds" in r else ""] + extra)
 
 
 def plot_curves(results: Sequence[dict[str, Any]], methods: Sequence[str], path: str) -> str | None:
@@ -618,7 +899,7 @@ def write_outputs(table_dir: str, results: list[dict[str, Any]], rows: list[dict
     os.makedirs(table_dir, exist_ok=True)
     with open(os.path.join(table_dir, "table.md"), "w", encoding="utf-8") as f:
         f.write(format_markdown(rows, meta))
-    write_csv(os.path.join(table_dir, "table.csv"), rows)
+    write_csv(os.path.join(table_dir, "table.csv"), rows, tuned=meta.get("params") is not None)
     runs = [{k: v for k, v in r.items() if k != "label_histogram"} for r in results]
     with open(os.path.join(table_dir, "table.json"), "w", encoding="utf-8") as f:
         json.dump({**meta, "rows": rows, "runs": runs,
@@ -633,6 +914,11 @@ def write_outputs(table_dir: str, results: list[dict[str, Any]], rows: list[dict
 # ----------------------------------------------------------------------------- the app
 
 
+def _config_argv(spec: RunSpec) -> tuple[str, ...]:
+    """A run's experiments.run flags without those of its seed, workdir and output."""
+    return tuple(a for a in spec.argv[2:] if not a.startswith(("--workdir=", "--seed=")) and a != "--quiet")
+
+
 def check_run_configs(specs: Sequence[RunSpec]) -> None:
     """Parses each method's run flags as `experiments.run` does (`config_from_argv`) and
     validates the config, before anything runs (a bad --run_flags is one error, not one
@@ -643,7 +929,7 @@ def check_run_configs(specs: Sequence[RunSpec]) -> None:
     """
     seen = set()
     for spec in specs:
-        argv = tuple(a for a in spec.argv[2:] if not a.startswith(("--workdir=", "--seed=")) and a != "--quiet")
+        argv = _config_argv(spec)
         if argv in seen:
             continue
         seen.add(argv)
@@ -651,6 +937,46 @@ def check_run_configs(specs: Sequence[RunSpec]) -> None:
             config_from_argv(["experiments.run", *argv])
         except UserInputError as e:
             raise TableError(f"{spec.method}: {e}") from None
+
+
+def _without(argv: Sequence[str], part: Sequence[str]) -> tuple[str, ...]:
+    """`argv` without the first occurrence of the contiguous run `part`."""
+    argv, part = tuple(argv), tuple(part)
+    for i in range(len(argv) - len(part) + 1):
+        if argv[i:i + len(part)] == part:
+            return argv[:i] + argv[i + len(part):]
+    return argv
+
+
+def check_tuned_configs(specs: Sequence[RunSpec], tuned: TunedParams) -> None:
+    """For each tuned method, before anything runs: best.json's params applied to the config
+    of its run without them (`training.config.apply_overrides`) give a valid config, and the
+    same config as its run's flags (the flags carry exactly the chosen values).
+
+    Raises:
+      TableError: params the config refuses (a field the algorithm lacks, an option of
+        another algorithm, a value its `validate()` refuses), or flags that do not give them.
+    """
+    seen = set()
+    for spec in specs:
+        if not spec.tuned_flags or spec.method in seen:
+            continue
+        seen.add(spec.method)
+        where = f"--params {tuned.path}: method {spec.method}"
+        argv = _config_argv(spec)
+        try:
+            base = config_from_argv(["experiments.run", *_without(argv, spec.tuned_flags)]).config
+        except UserInputError as e:
+            raise TableError(f"{spec.method}: {e}") from None
+        try:
+            expected = apply_overrides(base, tuned.methods[spec.method].params)
+            got = config_from_argv(["experiments.run", *argv]).config
+        except UserInputError as e:
+            raise TableError(f"{where}: {e}") from None
+        if got != expected:
+            raise TableError(f"{where}: the run flags {' '.join(spec.tuned_flags)} do not give the "
+                             f"values {tuned.methods[spec.method].params} (a key without an "
+                             "experiments.run flag?)")
 
 
 def import_plugins(imports: Sequence[str]) -> list[str]:
@@ -667,9 +993,18 @@ def import_plugins(imports: Sequence[str]) -> list[str]:
     return out
 
 
+def default_table_dir(preset_name: str, budget: str, tuned: bool) -> str:
+    """runs/table/<preset>_<budget>, and ..._tuned for a table of tuned values (--params)."""
+    return os.path.join("runs", "table", f"{preset_name}_{budget}" + ("_tuned" if tuned else ""))
+
+
 def make_table(preset_name: str, seeds_text: str, methods_text: str, budget: str, table_dir: str | None,
-               run_flags_text: str = "", jobs: int = 1, log=print, imports: Sequence[str] = ()) -> int:
+               run_flags_text: str = "", jobs: int = 1, log=print, imports: Sequence[str] = (),
+               params: str | None = None) -> int:
     """Plans, runs (or resumes) and tabulates; returns the exit status (0, or 1 if a run failed).
+
+    `params`: the path of experiments.tune's best.json (`read_params`), or None: the methods
+    it holds run with their chosen values, the others untuned.
 
     Raises:
       TableError, UserInputError: bad input (nothing is run).
@@ -684,10 +1019,23 @@ def make_table(preset_name: str, seeds_text: str, methods_text: str, budget: str
         raise TableError(f"unknown --budget {budget!r}; expected {' or '.join(BUDGETS)}")
     budget_flags = preset.cpu_budget or () if budget == "cpu" else ()
     methods = parse_methods(methods_text, model_has_bn([*preset.flags, *budget_flags, *run_flags]))
-    table_dir = table_dir or os.path.join("runs", "table", f"{preset.name}_{budget}")
+    tuned = None
+    if params:
+        tuned = read_params(params)
+        check_params(tuned, preset, budget)
+        tuned_names = tuned_flag_names(tuned, methods)
+        for item in run_flags:
+            name = item[2:].split("=", 1)[0]
+            if name in tuned_names or name.removeprefix("no") in tuned_names:
+                raise TableError(f"--run_flags may not set --{name}: --params gives it "
+                                 f"({tuned_names.get(name) or tuned_names[name.removeprefix('no')]}'s "
+                                 "tuned value)")
+    table_dir = table_dir or default_table_dir(preset.name, budget, tuned is not None)
     if os.path.exists(table_dir) and not os.path.isdir(table_dir):
         raise TableError(f"--table_dir {table_dir!r} is a file, not a folder")
-    specs = plan_runs(preset, seeds, methods, budget, run_flags, table_dir, imports)
+    specs = plan_runs(preset, seeds, methods, budget, run_flags, table_dir, imports, tuned)
+    if tuned is not None:
+        check_tuned_configs(specs, tuned)
     check_run_configs(specs)
     try:
         os.makedirs(os.path.join(table_dir, "logs"), exist_ok=True)
@@ -697,9 +1045,15 @@ def make_table(preset_name: str, seeds_text: str, methods_text: str, budget: str
                         f"--methods={methods_text}", f"--budget={budget}", f"--table_dir={table_dir}"]
                        + ([f"--run_flags={shlex.quote(run_flags_text)}"] if run_flags_text else [])
                        + ([f"--jobs={jobs}"] if jobs > 1 else [])
-                       + [f"--import={p}" for p in imports])
+                       + [f"--import={p}" for p in imports]
+                       + ([f"--params={params}"] if tuned is not None else []))
     log(f"{preset.name}, budget {budget}: {len(methods)} methods x {len(seeds)} seeds = {len(specs)} runs "
         f"-> {os.path.abspath(table_dir)}")
+    if tuned is not None:
+        left = [k for k in tuned.methods if k not in methods]
+        log(f"tuned values from {params}: {', '.join(k for k in methods if k in tuned.methods) or 'none'}; "
+            f"untuned: {', '.join(k for k in methods if k not in tuned.methods) or 'none'}"
+            + (f"; in best.json but not in --methods (not run): {', '.join(left)}" if left else ""))
     lock = threading.Lock()
     counter = iter(range(1, len(specs) + 1))
     failures: list[str] = []
@@ -751,6 +1105,11 @@ def make_table(preset_name: str, seeds_text: str, methods_text: str, budget: str
     meta = {"preset": preset.name, "preset_path": preset.path, "budget": budget,
             "budget_flags": list(budget_flags), "run_flags": run_flags, "seeds": seeds,
             "methods": list(methods), "command": command}
+    if tuned is not None:
+        add_tuned(rows, tuned)
+        meta["params"] = {"path": params, "sha256": tuned.sha256, "preset": tuned.preset, "budget": tuned.budget,
+                          "validation_fraction": tuned.validation_fraction, "seed": tuned.seed,
+                          "objective": tuned.objective}
     write_outputs(table_dir, results, rows, meta, methods)
     log(format_markdown(rows, meta))
     log(f"table: {os.path.join(os.path.abspath(table_dir), 'table.md')}")
@@ -762,12 +1121,25 @@ def make_table(preset_name: str, seeds_text: str, methods_text: str, budget: str
 
 
 def main(argv):
-    if len(argv) > 1:
-        fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
+    """The program: `argv` is the whole command line (argv[0] the program), parsed into a
+    FlagValues of its own (so that a test can call it in process). Bad input: one `error:`
+    line, exit 2 (`experiments.cli.fail`)."""
+    values = flags.FlagValues()
+    define_flags(values)
+    if any(a.split("=", 1)[0].lstrip("-") in HELP_FLAGS for a in argv[1:] if a.startswith("-")):
+        print(f"usage: python -m experiments.table [flags]\n\n{__doc__.split(chr(10) * 2)[0].strip()}\n\n"
+              f"{values.get_help()}")
+        return
     try:
-        code = make_table(f.preset, f.seeds, f.methods, f.budget, f.table_dir, f.run_flags, f.jobs,
-                          imports=f["import"].value)
+        rest = values(list(argv))
+    except flags.Error as e:
+        fail(str(e))
+    if len(rest) > 1:
+        fail(f"unexpected arguments: {' '.join(rest[1:])}")
+    try:
+        code = make_table(values.preset, values.seeds, values.methods, values.budget, values.table_dir,
+                          values.run_flags, values.jobs, imports=values["import"].value,
+                          params=values.params)
     except (TableError, UserInputError) as e:
         fail(str(e))
     except OSError as e:
@@ -776,5 +1148,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, flags_parser=parse_flags)
+    main(sys.argv)

@@ -22,7 +22,9 @@ import pytest
 from absl import flags
 
 from experiments import table
+from pfedla_jax.algorithms.registry import unregister
 from pfedla_jax.errors import UserInputError
+from tests.helpers import one_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ("--dataset=synthetic --synthetic_per_class=40 --num_clients=4 --samples_per_client=0 "
@@ -247,3 +249,172 @@ def test_a_failed_run_is_reported_and_the_rest_tabulated(tmp_path):
     md = (out / "table.md").read_text()
     assert "| Local | none |" in md and "| FedAvg | 0 |" in md
     assert json.loads((taken / "config.json").read_text())["algorithm"] == "fedavg"  # left as it was
+
+
+# ----------------------------------------------------------------------------- tuned values (--params)
+
+
+# TINY without its --lr: with --params a run's tuned lr may not be overridden by --run_flags
+TINY_NO_LR = " ".join(f for f in TINY.split() if not f.startswith("--lr="))
+
+
+def _best(path, rows, preset="table1_fmnist_n10_small", budget="cpu", **top):
+    """A hand-made best.json in experiments.tune's format 1; `rows`: {row: (algorithm, params)};
+    `top`: top-level fields to set instead."""
+    data = {"format": 1, "preset": preset, "budget": budget, "validation_fraction": 0.15, "seed": 0,
+            "objective": "val_acc, mean over the last 10% of evaluated rounds",
+            "methods": {key: {"algorithm": algorithm, "params": params, "val_acc": 0.87, "trials": 12,
+                              "complete": 9, "pruned": 3, "failed": 0, "best_trial": 4,
+                              "search_space": ["train.lr ~ log-uniform [0.001, 0.3]"]}
+                        for key, (algorithm, params) in rows.items()}}
+    data.update(top)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_params_plan_flag_order_and_default_table_dir(tmp_path):
+    best = _best(tmp_path / "best.json", {"pfedla": ("pfedla", {"train.lr": 0.0321, "pfedla.hn_lr": 0.0123}),
+                                          "heurpfedla": ("pfedla", {"train.lr": 0.2})})
+    tuned = table.read_params(str(best))
+    preset = table.read_preset(table.resolve_preset("table1_fmnist_n10_small"))
+    table.check_params(tuned, preset, "cpu")
+    specs = table.plan_runs(preset, [0], ["local", "pfedla", "heurpfedla"], "cpu", ["--data_dir=/d"],
+                            str(tmp_path), tuned=tuned)
+    local, pfedla, heur = (s.argv for s in specs)
+    # preset, budget, the row's flags, the tuned values, --run_flags, --seed, --workdir
+    assert pfedla[2:] == (f"--flagfile={preset.path}", "--rounds=100", "--local_epochs=5", "--eval_every=5",
+                          "--algorithm=pfedla", "--lr=0.0321", "--pfedla_hn_lr=0.0123", "--data_dir=/d",
+                          "--seed=0", f"--workdir={tmp_path}/runs/pfedla/seed_0", "--quiet")
+    assert heur.index("--heur_k=1") < heur.index("--lr=0.2") < heur.index("--data_dir=/d")
+    assert not any(a.startswith("--lr=") for a in local) and specs[0].tuned_flags == ()
+    table.check_tuned_configs(specs, tuned)
+    assert table.default_table_dir("p", "cpu", tuned=True) == os.path.join("runs", "table", "p_cpu_tuned")
+    assert table.default_table_dir("p", "cpu", tuned=False) == os.path.join("runs", "table", "p_cpu")
+    # the table's cells, by hand: chosen values and their validation accuracy, untuned rows marked
+    rows = [{"method": m, "name": m, "seeds": [0], "paper": None, "final": (90.0, 0.0)}
+            for m in ("local", "pfedla")]
+    table.add_tuned(rows, tuned)
+    assert rows[0]["tuned"] is False and rows[1]["tuned"] is True
+    assert rows[1]["params"] == {"train.lr": 0.0321, "pfedla.hn_lr": 0.0123} and rows[1]["val_acc"] == 87.0
+    md = table.format_markdown(rows, {"preset": "p", "budget": "cpu", "seeds": [0], "command": "c",
+                                      "params": {"validation_fraction": 0.15, "objective": "o"}})
+    assert "| local | untuned (defaults) | – | 0 |" in md
+    assert "| pfedla | lr=0.0321, hn_lr=0.0123 | 87.00 (12 trials, 3 pruned) | 0 |" in md
+    assert "15% of each client's training split" in md
+
+
+def _params_refusal(tmp_path, capfd, best, *args, methods="local,pfedla"):
+    """The one `error:` line of the tool's main (in process) for a table with --params=best."""
+    out = tmp_path / "t"
+    line = one_error_line(table.main, ["experiments.table", "--preset=table1_fmnist_n10_small",
+                                       "--budget=cpu", f"--methods={methods}", f"--params={best}",
+                                       f"--table_dir={out}", *args], capfd)
+    assert not out.exists()  # nothing was run or written
+    return line
+
+
+PFEDLA = {"train.lr": 0.05, "pfedla.hn_lr": 0.1}
+BAD_PARAMS = [  # (best.json's methods, its top-level fields, extra args, what the error says)
+    ({"pfedla": ("pfedla", PFEDLA)}, {"format": 2}, [], "format 2, expected 1"),
+    ({"pfedla": ("pfedla", PFEDLA)}, {"preset": "table2_fmnist_n10_small"}, [],
+     "tuned on preset 'table2_fmnist_n10_small', not 'table1_fmnist_n10_small'"),
+    ({"pfedla": ("pfedla", PFEDLA)}, {"budget": "paper"}, [], "tuned at budget 'paper', not --budget=cpu"),
+    ({"fedprox": ("fedprox", {"train.lr": 0.1})}, {}, [], "tunes method 'fedprox', which is not a table row"),
+    ({"heurpfedla": ("fedavg", {"train.lr": 0.1})}, {}, [], "'heurpfedla' is algorithm 'fedavg' there"),
+    ({"pfedla": ("pfedla", {"pfedla.hn_lr": -0.1})}, {}, [], "hn_lr must be >= 0"),
+    ({"pfedla": ("pfedla", {"train.lr": "fast"})}, {}, [], "method pfedla: "),
+    ({"pfedla": ("pfedla", {"perfedavg.beta": 0.01})}, {}, [], "is an option of --algorithm=perfedavg"),
+    ({"pfedla": ("pfedla", {"pfedla.no_such_field": 1})}, {}, [], "no_such_field"),
+    ({"pfedla": ("pfedla", {"seed": 3})}, {}, [], "sets --seed=3, which the table tool sets"),
+    ({"heurpfedla": ("pfedla", {"pfedla.heur_k": 2})}, {}, [], "an option that defines the row 'heurpfedla'"),
+    ({"pfedla": ("pfedla", PFEDLA)}, {}, ["--run_flags=--lr=0.1"], "may not set --lr: --params gives it"),
+    ({"pfedla": ("pfedla", PFEDLA)}, {"methods": {}}, [], "no 'methods'"),
+    ({"pfedla": ("pfedla", PFEDLA)}, {"methods": {"pfedla": {"algorithm": "pfedla"}}}, [], "'params' must be"),
+]
+
+
+@pytest.mark.parametrize("methods,top,args,needle", BAD_PARAMS, ids=[b[3][:28] for b in BAD_PARAMS])
+def test_bad_params_are_one_error_line(tmp_path, capfd, methods, top, args, needle):
+    best = _best(tmp_path / "best.json", methods, **top)
+    line = _params_refusal(tmp_path, capfd, best, *args)
+    assert needle in line, line
+
+
+def test_unreadable_params_and_split_flags_are_one_error_line(tmp_path, capfd):
+    assert "cannot read --params" in _params_refusal(tmp_path, capfd, tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert "is not JSON" in _params_refusal(tmp_path, capfd, tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text("[1]")
+    assert "expected a JSON object" in _params_refusal(tmp_path, capfd, tmp_path / "list.json")
+    best = _best(tmp_path / "best.json", {"pfedla": ("pfedla", PFEDLA)})
+    # every table (tuned or not) trains on the full training split and reports test accuracy
+    for flag in ("--validation_fraction=0.1", "--evaluate_test=false", "--noevaluate_test"):
+        assert "may not set --" in _params_refusal(tmp_path, capfd, best, f"--run_flags={flag}")
+
+
+def test_params_of_an_imported_algorithm_need_its_import(tmp_path, capfd):
+    plugin = tmp_path / "my_tuned_fedavg.py"
+    plugin.write_text("from pfedla_jax.algorithms import register\n"
+                      "from pfedla_jax.algorithms.fedavg import FedAvg\n"
+                      "register('tunedavg')(type('TunedAvg', (FedAvg,), {}))\n")
+    best = _best(tmp_path / "best.json", {"tunedavg": ("tunedavg", {"train.lr": 0.1})})
+    assert "tunes method 'tunedavg', which is not a table row" in _params_refusal(tmp_path, capfd, best)
+    try:
+        table.import_plugins([str(plugin)])
+        preset = table.read_preset(table.resolve_preset("table1_fmnist_n10_small"))
+        tuned = table.read_params(str(best))
+        table.check_params(tuned, preset, "cpu")  # with its module imported: accepted
+        specs = table.plan_runs(preset, [0], ["tunedavg"], "cpu", [], str(tmp_path), (str(plugin),), tuned)
+        assert "--lr=0.1" in specs[0].argv
+        table.check_tuned_configs(specs, tuned)
+    finally:
+        unregister("tunedavg")
+        for name in [n for n in sys.modules if n.endswith("my_tuned_fedavg")]:
+            del sys.modules[name]
+
+
+def _config(workdir):
+    return json.loads((workdir / "config.json").read_text())
+
+
+@pytest.mark.slow  # starts the tool, which starts 2 runs (then 1 that refuses)
+def test_params_pass_each_chosen_value_to_its_run_and_mark_untuned_rows(tmp_path):
+    out = tmp_path / "t"
+    chosen = {"train.lr": 0.0321, "pfedla.hn_lr": 0.0123, "pfedla.hn.embed_dim": 7}
+    best = _best(tmp_path / "best.json", {"pfedla": ("pfedla", chosen), "fedavg": ("fedavg", {"train.lr": 0.2})})
+    args = ["--preset=table1_fmnist_n10_small", "--budget=cpu", "--seeds=0", "--methods=local,pfedla",
+            f"--table_dir={out}", f"--run_flags={TINY_NO_LR} --rounds=2"]
+    p = _tool([*args, f"--params={best}"])
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-2000:]
+    assert (f"tuned values from {best}: pfedla; untuned: local; in best.json but not in --methods "
+            "(not run): fedavg") in p.stdout
+    pfedla = _config(out / "runs" / "pfedla" / "seed_0")
+    assert pfedla["train"]["lr"] == 0.0321 and pfedla["pfedla"]["hn_lr"] == 0.0123
+    assert pfedla["pfedla"]["hn"]["embed_dim"] == 7
+    assert "validation_fraction" not in pfedla or not pfedla["validation_fraction"]  # the full training split
+    local = _config(out / "runs" / "local" / "seed_0")
+    assert local["train"]["lr"] == 0.005  # untuned: the preset's (the paper's) lr
+    data = json.loads((out / "table.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert rows["pfedla"]["tuned"] and rows["pfedla"]["params"] == chosen and rows["pfedla"]["val_acc"] == 87.0
+    assert rows["local"]["tuned"] is False and "fedavg" not in rows  # only the methods asked for
+    assert data["params"]["path"] == str(best) and f"--params={best}" in data["command"]
+    for r in data["runs"]:
+        assert "test_acc" in _metrics(out / "runs" / r["method"] / "seed_0")[-1]  # evaluated on test
+    md = (out / "table.md").read_text()
+    assert "| Local | untuned (defaults) | – |" in md
+    assert "| pFedLA | lr=0.0321, hn_lr=0.0123, hn.embed_dim=7 | 87.00 (12 trials, 3 pruned) |" in md
+    with open(out / "table.csv") as f:
+        csv_rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert csv_rows["local"]["tuned"] == "false" and json.loads(csv_rows["pfedla"]["params"]) == chosen
+    # other values into the same table folder: not mixed in. The changed run's command differs
+    # (not "finished"); experiments.run refuses the workdir's other configuration: that run is
+    # reported failed (exit 1), its workdir left as it was; the unchanged untuned run is skipped
+    best2 = _best(tmp_path / "best2.json", {"pfedla": ("pfedla", {**chosen, "train.lr": 0.1})})
+    again = _tool([*args, f"--params={best2}"])
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert "error: pfedla seed 0:" in again.stderr and "different configuration" in again.stderr
+    assert "local seed 0: final test_acc" in again.stdout and "finished earlier, skipped" in again.stdout
+    assert _config(out / "runs" / "pfedla" / "seed_0")["train"]["lr"] == 0.0321
+    md = (out / "table.md").read_text()  # the row of the new values: no run of them finished
+    assert "| pFedLA | lr=0.1, hn_lr=0.0123, hn.embed_dim=7 | 87.00 (12 trials, 3 pruned) | none | – |" in md
