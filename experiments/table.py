@@ -21,6 +21,8 @@ any other algorithm, e.g. one of a module given with `--import=my_package.my_alg
 (one row named after it unless it declares its own). `--methods=all` takes every row,
 except those that need BatchNorm (FedBN) when the preset's model has none (the paper leaves
 that cell empty; FedBN would be FedAvg there); naming fedbn explicitly runs it anyway.
+`--methods=paper` takes the paper's rows alone (`TableRow.in_paper`); with `all`, table.md
+lists the other rows below a rule, "beyond the paper".
 
 Budgets: `paper` runs the preset as it is (the paper's rounds and local epochs); `cpu` adds
 the flags of the preset's line `# CPU budget (experiments.table --budget=cpu): --rounds=...`
@@ -131,6 +133,8 @@ class Method:
       algorithm: the registered algorithm.
       flags: the experiments.run flags of the row (--algorithm and the row's options).
       needs_batchnorm: left out of --methods=all on a model without BatchNorm.
+      in_paper: one of the paper's rows (--methods=paper); the others are listed below a
+        rule, "beyond the paper".
     """
 
     key: str
@@ -138,6 +142,7 @@ class Method:
     algorithm: str
     flags: tuple[str, ...]
     needs_batchnorm: bool = False
+    in_paper: bool = False
 
 
 def methods() -> dict[str, Method]:
@@ -154,7 +159,7 @@ def methods() -> dict[str, Method]:
                 text = str(value).lower() if isinstance(value, bool) else str(value)
                 row_flags.append(f"--{field.alias or field.flag}={text}")
             out.append((row.order, row.key, Method(row.key, row.display, name, tuple(row_flags),
-                                                     row.needs_batchnorm)))
+                                                     row.needs_batchnorm, row.in_paper)))
     keys = [key for _, key, _ in out]
     duplicate = next((k for k in keys if keys.count(k) > 1), None)
     if duplicate is not None:
@@ -180,7 +185,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("preset", None, "A preset name (experiments/presets/NAME.flags) or a .flags "
                         "path.", flag_values=flag_values)
     flags.DEFINE_string("seeds", "0", "Comma-separated seeds, e.g. 0,1,2.", flag_values=flag_values)
-    flags.DEFINE_string("methods", "all", "all | comma-separated among the rows of the registered "
+    flags.DEFINE_string("methods", "all", "all | paper (the paper's rows) | comma-separated among the rows of the registered "
                         "algorithms: " + ",".join(methods()) + " (and those of --import modules).",
                         flag_values=flag_values)
     flags.DEFINE_string("budget", "paper", "paper (the preset's rounds and epochs) | cpu (the "
@@ -331,12 +336,13 @@ def parse_methods(text: str, has_bn: bool) -> list[str]:
     """The methods to run, in table order (`methods()`): `all` leaves out the rows that need
     BatchNorm on a model without it (FedBN would be FedAvg there); naming one runs it anyway."""
     rows = methods()
-    if text.strip() == "all":
-        return [k for k, m in rows.items() if has_bn or not m.needs_batchnorm]
+    if text.strip() in ("all", "paper"):
+        return [k for k, m in rows.items() if (has_bn or not m.needs_batchnorm)
+                and (m.in_paper or text.strip() == "all")]
     wanted = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in wanted if m not in rows]
     if unknown or not wanted:
-        raise TableError(f"unknown --methods {', '.join(unknown) or repr(text)}; expected all or "
+        raise TableError(f"unknown --methods {', '.join(unknown) or repr(text)}; expected all, paper or "
                          f"a comma-separated list among {', '.join(rows)}")
     return [k for k in rows if k in wanted]
 
@@ -822,7 +828,14 @@ def format_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str
     lines += ["| method | " + ("tuned values | val acc (tuning) | " if tuned else "") + "seeds | final | "
               "last 10% | paper | Δ final − paper | best round (extra) | other views, final | s/round |",
               "|---|" + ("---|---|" if tuned else "") + "---|---|---|---|---|---|---|---|"]
+    registered = methods()
+    ruled = False
     for r in rows:
+        method = registered.get(r["method"])
+        if not ruled and method is not None and not method.in_paper and any(
+                registered.get(q["method"]) is not None and registered[q["method"]].in_paper for q in rows):
+            ruled = True  # the paper's rows above, the others below
+            lines.append("| **beyond the paper** |" + " |" * (len(lines[-1].split("|")) - 3))
         n = len(r["seeds"])
         views = "; ".join(f"{v}: {_pm(c, n)}" for v, c in r.get("views", {}).items()) or "–"
         diff = f"{r['diff_final']:+.2f}" if "diff_final" in r else "–"

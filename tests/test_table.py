@@ -77,6 +77,11 @@ def test_methods_and_budget(tmp_path):
     assert table.parse_methods("all", has_bn=False) == [k for k in table.methods() if k != "fedbn"]
     assert "fedbn" in table.parse_methods("all", has_bn=True)
     assert table.parse_methods("pfedla,local", has_bn=False) == ["local", "pfedla"]  # the paper's order
+    paper = ["local", "fedavg", "perfedavg", "pfedme", "pfedhn", "fedbn", "fedrep", "fedfomo",
+             "pfedla", "heurpfedla"]
+    assert table.parse_methods("paper", has_bn=True) == paper
+    assert table.parse_methods("paper", has_bn=False) == [m for m in paper if m != "fedbn"]
+    assert table.parse_methods("all", has_bn=True)[:len(paper)] == paper
     assert table.model_has_bn(["--dataset=tfds:cifar10"]) and not table.model_has_bn(["--dataset=fmnist"])
     assert table.model_has_bn(["--dataset=fmnist", "--use_bn=true"])
     preset = table.read_preset(table.resolve_preset("table1_fmnist_n10_small"))
@@ -85,6 +90,22 @@ def test_methods_and_budget(tmp_path):
     # budget after the preset, method flags after the budget, seed and workdir last
     assert argv.index("--rounds=100") < argv.index("--algorithm=pfedla") < argv.index("--heur_k=1")
     assert argv[-3:] == ("--seed=0", f"--workdir={tmp_path}/runs/heurpfedla/seed_0", "--quiet")
+
+
+def test_rows_beyond_the_paper_are_below_a_rule(monkeypatch):
+    rows = dict(table.methods())
+    rows["mine"] = table.Method("mine", "Mine", "fedavg", ("--algorithm=fedavg",), in_paper=False)
+    monkeypatch.setattr(table, "methods", lambda: rows)
+    meta = {"preset": "p", "budget": "cpu", "seeds": [0], "command": "c"}
+    lines = table.format_markdown([{"method": k, "name": k, "seeds": [], "paper": None}
+                                   for k in ("local", "pfedla", "mine")], meta).splitlines()
+    at = lines.index(next(l for l in lines if "beyond the paper" in l))
+    assert [l.split("|")[1].strip() for l in lines[at - 2:at + 2]] == ["local", "pfedla", "**beyond the paper**", "mine"]
+    assert lines[at].count("|") == lines[at - 1].count("|")
+    # a table of the paper's rows alone, or of other rows alone, has no rule
+    for keys in (("local", "pfedla"), ("mine",)):
+        text = table.format_markdown([{"method": k, "name": k, "seeds": [], "paper": None} for k in keys], meta)
+        assert "beyond the paper" not in text
 
 
 def test_aggregate_and_order_differences_by_hand():

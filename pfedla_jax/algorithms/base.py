@@ -37,6 +37,8 @@ from pfedla_jax.data.store import ClientStore
 from pfedla_jax.models import count_params, init_variables
 
 INITS = ("common", "independent")
+# table rows with an order below this are the rows of pFedLA's Tables 1-2 (TableRow.order)
+PAPER_ROWS_END = 10
 
 
 @dataclasses.dataclass
@@ -151,7 +153,9 @@ class TableRow:
       display: the row label (e.g. 'HeurpFedLA (k=1)'); the paper's numbers in a preset's
         header are matched by it.
       order: rows are listed by this number (the paper's order: Local 0 ... HeurpFedLA 9),
-        then by key; an algorithm without rows gets one row at 100.
+        then by key; an algorithm without rows gets one row at 100. Rows with order <
+        PAPER_ROWS_END are the paper's (`experiments.table --methods=paper`); the others are
+        listed below a rule, "beyond the paper".
       options: the algorithm options of this row, {field path: value} (e.g. {'heur_k': 1}).
       needs_batchnorm: the row is left out of `--methods=all` when the model has no
         BatchNorm layer (FedBN: it would be FedAvg there).
@@ -162,6 +166,11 @@ class TableRow:
     order: float = 100.0
     options: tuple[tuple[str, Any], ...] = ()
     needs_batchnorm: bool = False
+
+    @property
+    def in_paper(self) -> bool:
+        """Whether the row is one of the paper's (order < PAPER_ROWS_END)."""
+        return self.order < PAPER_ROWS_END
 
 
 @dataclasses.dataclass
