@@ -1,4 +1,4 @@
-"""Evaluation of every client's personalised model on its own test split.
+"""Evaluation of every client's personalised model on its own test (or validation) split.
 
 One jitted program evaluates all clients through `for_each_client` (the training
 strategy and mesh; under `vmap` at most `clients_per_batch` clients at a time, so the
@@ -19,6 +19,7 @@ from pfedla_jax.core.client_parallel import for_each_client, make_mesh, replicat
 from pfedla_jax.core import multihost
 from pfedla_jax.core.client_update import masked_cross_entropy
 from pfedla_jax.data.store import ClientStore, normalize_images
+from pfedla_jax.errors import UserInputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,19 +41,31 @@ class View:
 
 
 class Evaluator:
-    """Per-client test accuracy and loss of stacked models (BN in eval mode).
+    """Per-client accuracy and loss of stacked models on one split (BN in eval mode).
 
     Args:
       model: the client model.
       store: the client data.
       strategy: client parallelism (as for training).
-      batch_size: test examples per forward pass.
+      batch_size: examples per forward pass.
       clients_per_batch: under `vmap`, clients evaluated at once.
       mesh: the device mesh (default: the strategy's).
+      split: 'test' (default) or 'validation' (the store's validation split); the
+        evaluator reads no other split.
+
+    Raises:
+      UserInputError: an unknown split, or 'validation' for a store without one.
     """
 
     def __init__(self, model, store: ClientStore, strategy: str = "auto", batch_size: int = 256,
-                 clients_per_batch: int = 64, mesh=None):
+                 clients_per_batch: int = 64, mesh=None, split: str = "test"):
+        if split not in ("test", "validation"):
+            raise UserInputError(f"Evaluator: split must be test or validation, got {split!r}")
+        self.split = split
+        table, counts, _ = store.split(split)
+        # the evaluated split in the test fields of the store it is given (one code path)
+        store = dataclasses.replace(store, test_idx=table, test_count=counts,
+                                    max_test=int(table.shape[1]))
         self.model = model
         self.strategy = resolve_strategy(strategy)
         self.mesh = mesh if mesh is not None else make_mesh(self.strategy)

@@ -17,8 +17,10 @@ from pfedla_jax.data.partition_file import (
     dataset_fingerprint,
     partition_record,
     read_partition,
+    with_validation,
     write_partition,
 )
+from pfedla_jax.data.validation import validation_split
 from pfedla_jax.data.sources import (
     DEFAULT_FMNIST_DIR,
     VALID_NAMES,
@@ -55,6 +57,8 @@ __all__ = [
     "register_scheme",
     "scheme_parameters",
     "synthetic_templates",
+    "validation_split",
+    "with_validation",
     "write_partition",
 ]
 

@@ -19,6 +19,13 @@ the very same split. The file (format tag ``pfedla_jax.partition/1``) is one JSO
                       dataset (`sources.Dataset`: train split first, then test), in their
                       exact order (the order decides the batches)
 
+A run with a validation split (``--validation_fraction``, data/validation.py) adds
+``validation_fraction`` and, per client, ``"validation": [...]``: the part of "train" held
+out (the client trains on "train" without it). "train" stays the whole training split, so
+the file describes the same partition as a run without validation; reading a file ignores
+"validation" (a run carves its own from its seed and fraction: the same seed and fraction
+give the same split).
+
 The dataset's fingerprint (`dataset_fingerprint`) is the sha256 of its pooled images and
 labels, so a file is only accepted for the very data it indexes.
 """
@@ -132,6 +139,16 @@ def partition_record(partition: Partition, dataset: Dataset, config_fields: dict
                      "test": np.asarray(te, dtype=np.int64).tolist()}
                     for tr, te in zip(partition.train_indices, partition.test_indices)],
     }
+
+
+def with_validation(record: dict, validation: list[np.ndarray], fraction: float) -> dict:
+    """`record` (a `partition_record`) with the clients' validation splits: the header
+    ``validation_fraction`` and per client ``"validation"``, indices into the dataset (each
+    a subset of the client's "train")."""
+    clients = [dict(c, validation=np.asarray(v, dtype=np.int64).tolist())
+               for c, v in zip(record["clients"], validation)]
+    head = {k: v for k, v in record.items() if k != "clients"}
+    return {**head, "validation_fraction": float(fraction), "clients": clients}
 
 
 def write_partition(path: str, record: dict) -> None:

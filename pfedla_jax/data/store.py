@@ -35,6 +35,10 @@ class ClientStore:
         num_classes: Number of classes (static).
         max_train: Width of train_idx, >= 1 (static).
         max_test: Width of test_idx, >= 1 (static).
+        val_idx: int32 [N, max_val], the clients' validation splits (padded like
+            train_idx), or None without a validation split (data/validation.py).
+        val_count: int32 [N] validation examples per client, or None.
+        max_val: Width of val_idx (static; 0 without a validation split).
     """
 
     images: jax.Array
@@ -49,6 +53,27 @@ class ClientStore:
     num_classes: int = flax.struct.field(pytree_node=False)
     max_train: int = flax.struct.field(pytree_node=False)
     max_test: int = flax.struct.field(pytree_node=False)
+    val_idx: jax.Array | None = None
+    val_count: jax.Array | None = None
+    max_val: int = flax.struct.field(pytree_node=False, default=0)
+
+    def split(self, name: str) -> tuple[jax.Array, jax.Array, int]:
+        """(index table [N, width], counts [N], width) of split `name`: 'train', 'test' or
+        'validation'.
+
+        Raises:
+          UserInputError: an unknown split, or 'validation' in a store without one.
+        """
+        if name == "train":
+            return self.train_idx, self.train_count, self.max_train
+        if name == "test":
+            return self.test_idx, self.test_count, self.max_test
+        if name == "validation":
+            if self.val_idx is None:
+                raise UserInputError("this client data has no validation split "
+                                     "(--validation_fraction=0)")
+            return self.val_idx, self.val_count, self.max_val
+        raise UserInputError(f"unknown split {name!r}; expected train, test or validation")
 
 
 def _pad_table(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +90,7 @@ def build_client_store(
     dataset: Dataset,
     partition: Partition,
     device: jax.Device | jax.sharding.Sharding | None = None,
+    validation_indices: list[np.ndarray] | None = None,
 ) -> ClientStore:
     """Copies the examples the partition uses to device, with padded index tables.
 
@@ -73,6 +99,9 @@ def build_client_store(
         partition: The client partition.
         device: Where to place the arrays (`jax.device_put` target); default device if
             None.
+        validation_indices: Per client, int indices into the dataset of its validation
+            split (data/validation.py; disjoint from the partition's train indices, which
+            are then what the client trains on), or None for no validation split.
 
     Returns:
         The `ClientStore`; `images[train_idx[i, :train_count[i]]]` are client i's train
@@ -84,7 +113,10 @@ def build_client_store(
     n = partition.num_clients
     if n < 1:
         raise UserInputError("build_client_store: the partition has no clients")
-    all_idx = np.concatenate(list(partition.train_indices) + list(partition.test_indices))
+    val_rows = list(validation_indices) if validation_indices is not None else []
+    if validation_indices is not None and len(val_rows) != n:
+        raise UserInputError(f"build_client_store: {len(val_rows)} validation splits for {n} clients")
+    all_idx = np.concatenate(list(partition.train_indices) + list(partition.test_indices) + val_rows)
     m = len(dataset.labels)
     if all_idx.size and (all_idx.min() < 0 or all_idx.max() >= m):
         raise UserInputError(
@@ -98,6 +130,9 @@ def build_client_store(
         [np.searchsorted(used, r).astype(np.int32) for r in partition.train_indices])
     test_idx, test_count = _pad_table(
         [np.searchsorted(used, r).astype(np.int32) for r in partition.test_indices])
+    val_idx = val_count = None
+    if validation_indices is not None:
+        val_idx, val_count = _pad_table([np.searchsorted(used, r).astype(np.int32) for r in val_rows])
     images = np.asarray(dataset.images)[used]
     labels = np.asarray(dataset.labels, dtype=np.int32)[used]
 
@@ -117,6 +152,9 @@ def build_client_store(
         num_classes=int(dataset.num_classes),
         max_train=int(train_idx.shape[1]),
         max_test=int(test_idx.shape[1]),
+        val_idx=None if val_idx is None else put(val_idx),
+        val_count=None if val_count is None else put(val_count),
+        max_val=0 if val_idx is None else int(val_idx.shape[1]),
     )
 
 

@@ -88,11 +88,19 @@ class ExperimentConfig:
                                      "the data allows.", DATA)
     synthetic_per_class: int = option(600, "synthetic datasets: examples per class.", DATA)
     num_clients: int = option(10, "Number of clients.", DATA)
+    validation_fraction: float = option(
+        0.0, "Hold out this share of each client's training split (per class) as its "
+        "validation split: training uses the rest, evaluations add val_acc and val_loss of "
+        "the personalised models (data/validation.py). 0 = none.", DATA)
     # federated schedule
     rounds: int = option(20, "Communication rounds.", SCHEDULE)
     participation: float = option(1.0, "Fraction C of the clients per round: max(floor(C * "
                                   "num_clients), 1) clients (FedAvg's rule).", SCHEDULE)
     eval_every: int = option(1, "Evaluate every this many rounds (and at the end).", SCHEDULE)
+    evaluate_test: bool = option(True, "Evaluate on the test split. false (needs "
+                                 "--validation_fraction > 0): the test split is not even "
+                                 "loaded to the device; the run reports val_acc only (tuning).",
+                                 SCHEDULE)
     seed: int = option(0, "Seed for partition, init, schedule and shuffling.", SCHEDULE)
     init: str = option("common", "common | independent client initialisation.", SCHEDULE)
     # local training (flags: the fields of LocalTrainConfig)
@@ -129,6 +137,12 @@ class ExperimentConfig:
         if self.partition.startswith("file:") and not self.partition[len("file:"):].strip():
             raise UserInputError("--partition=file: needs the path of a partition file "
                                  "(--partition=file:PATH.json)")
+        if not (0.0 <= self.validation_fraction < 1.0):
+            raise UserInputError(f"--validation_fraction must be in [0, 1), got "
+                                 f"{self.validation_fraction}")
+        if not self.evaluate_test and self.validation_fraction == 0:
+            raise UserInputError("--evaluate_test=false needs a validation split to report "
+                                 "(--validation_fraction > 0)")
         if self.samples_per_client < 0:
             raise UserInputError(f"--samples_per_client must be >= 0, got {self.samples_per_client}")
         # the algorithm's options that must fit the local training (e.g. FedRep's epoch split)
@@ -140,6 +154,16 @@ class ExperimentConfig:
         FedAvg's rule (McMahan et al., AISTATS 2017, Algorithm 1), as the reference codes
         (`max(int(C * K), 1)`) apply it. See `cohort_size`."""
         return cohort_size(self.participation, self.num_clients)
+
+    @property
+    def headline_metric(self) -> str:
+        """The metric a run reports first: 'test_acc', or 'val_acc' without test evaluation."""
+        return "test_acc" if self.evaluate_test else "val_acc"
+
+    def default_dict(self) -> dict[str, Any]:
+        """`to_dict()` of this algorithm's config with every field at its default (a
+        workdir made before a field existed counts it at its default)."""
+        return ExperimentConfig(algorithm=self.algorithm).to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict; the algorithm's options under the algorithm's name."""

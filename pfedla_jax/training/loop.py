@@ -41,6 +41,7 @@ from pfedla_jax.core.local_training import ClientTrainer
 from pfedla_jax.data import build_client_store, load_dataset, make_partition, scheme_parameters
 from pfedla_jax.data import partition_file
 from pfedla_jax.data.store import label_histogram
+from pfedla_jax.data.validation import validation_split
 from pfedla_jax.errors import RunInterrupted, UserInputError
 from pfedla_jax.models import layer_names, make_cnn
 from pfedla_jax.runtime import check_random_streams, enable_compilation_cache, set_host_devices
@@ -87,13 +88,14 @@ class Experiment:
     config: ExperimentConfig
     algorithm: Any
     context: FLContext
-    evaluator: Evaluator
+    evaluator: Evaluator | None  # the test split's (None: --evaluate_test=false)
     partition: Any
     keys: ExperimentKeys
     schedule: np.ndarray  # [rounds, S]
     class_map: tuple[int, ...] | None = None  # the source's label of each class (None: identity)
     # the partition as written to WORKDIR/partition.json (data/partition_file.py)
     partition_record: dict | None = None
+    validator: Evaluator | None = None  # the validation split's (None: no validation split)
     _round_keys: np.ndarray | None = None
 
     def round_key(self, t: int) -> np.ndarray:
@@ -135,9 +137,21 @@ def build_experiment(config: ExperimentConfig, options: RunOptions = RunOptions(
         partition = make_partition(dataset.labels, dataset.num_classes, config.num_clients,
                                    config.partition, **fields)
     record = partition_file.partition_record(partition, dataset, fields)
-    store = build_client_store(dataset, partition)
-    # make_partition guarantees every client >= 1 train and >= 1 test example
-    assert np.all(np.asarray(store.train_count) > 0) and np.all(np.asarray(store.test_count) > 0)
+    validation = None
+    trained = partition
+    if config.validation_fraction > 0:
+        rest, validation = validation_split(partition.train_indices, dataset.labels,
+                                            config.validation_fraction, config.seed)
+        record = partition_file.with_validation(record, validation, config.validation_fraction)
+        trained = dataclasses.replace(partition, train_indices=rest)
+    if not config.evaluate_test:  # the test examples never reach the device
+        trained = dataclasses.replace(
+            trained, test_indices=[np.zeros(0, np.int64) for _ in partition.test_indices])
+    store = build_client_store(dataset, trained, validation_indices=validation)
+    # make_partition guarantees every client >= 1 train and >= 1 test example (and
+    # validation_split >= 1 validation and >= 1 train example)
+    assert np.all(np.asarray(store.train_count) > 0)
+    assert not config.evaluate_test or np.all(np.asarray(store.test_count) > 0)
     use_bn = None if config.use_bn == "auto" else config.use_bn == "true"
     model = make_cnn(dataset.input_shape, dataset.num_classes, use_bn=use_bn)
     trainer = ClientTrainer(model, store, config.train, options.client_parallelism)
@@ -145,12 +159,14 @@ def build_experiment(config: ExperimentConfig, options: RunOptions = RunOptions(
                     num_clients=config.num_clients, input_shape=dataset.input_shape,
                     init=config.init, donate_state=True)
     algorithm = algorithm_class(config.algorithm)(ctx, config.algorithm_config)
-    evaluator = Evaluator(model, store, trainer.strategy, mesh=trainer.mesh)
+    evaluator = Evaluator(model, store, trainer.strategy, mesh=trainer.mesh) if config.evaluate_test else None
+    validator = (Evaluator(model, store, trainer.strategy, mesh=trainer.mesh, split="validation")
+                 if validation is not None else None)
     keys = experiment_keys(config.seed)
     schedule = participation_schedule(keys.schedule, config.num_clients, config.clients_per_round,
                                       config.rounds)
     return Experiment(config, algorithm, ctx, evaluator, partition, keys, schedule,
-                      class_map=dataset.class_map, partition_record=record)
+                      class_map=dataset.class_map, partition_record=record, validator=validator)
 
 
 # the train share make_partition uses (not a config field: the paper's 70/30 split)
@@ -473,12 +489,21 @@ def _check_same_partition(path: str, record: dict | None, workdir: str) -> None:
 
 
 def evaluate_round(exp: Experiment, state: Any, round_done: int) -> tuple[dict, Any]:
-    """The metrics of every view the algorithm names, and its Evaluation (scalars, arrays)."""
+    """The metrics of every view the algorithm names, and its Evaluation (scalars, arrays).
+
+    Test split: every view ('test_acc', '<view>_test_acc', ...), unless --evaluate_test=false.
+    Validation split (with --validation_fraction): the personalised models, the '' view
+    ('val_acc', 'val_loss', ...).
+    """
     evaluation = exp.algorithm.evaluate(state, round_done, jax.random.fold_in(exp.keys.evaluation, round_done))
     record: dict[str, Any] = {"round": round_done}
     for name, view in evaluation.views.items():
-        result = exp.evaluator.evaluate(view.params, view.batch_stats, shared=view.shared)
-        record.update(summarize(result, "test" if not name else f"{name}_test"))
+        if exp.evaluator is not None:
+            result = exp.evaluator.evaluate(view.params, view.batch_stats, shared=view.shared)
+            record.update(summarize(result, "test" if not name else f"{name}_test"))
+        if exp.validator is not None and not name:
+            result = exp.validator.evaluate(view.params, view.batch_stats, shared=view.shared)
+            record.update(summarize(result, "val"))
     return record, evaluation
 
 
@@ -490,8 +515,8 @@ def _eta(seconds: float) -> str:
 class Progress:
     """One progress line every `every` rounds and at evaluations."""
 
-    def __init__(self, log: Callable[[str], None], every: int, rounds: int):
-        self.log, self.every, self.rounds = log, every, rounds
+    def __init__(self, log: Callable[[str], None], every: int, rounds: int, metric: str = "test_acc"):
+        self.log, self.every, self.rounds, self.metric = log, every, rounds, metric
 
     def __call__(self, run: Run, round_done: int, evaluated: bool, train_loss: float, seen: float,
                  dt: float) -> None:
@@ -499,10 +524,10 @@ class Progress:
             return
         # the last evaluation, with its round when it is not this one; '-' before the first
         last = run.records[-1] if run.records else None
-        acc = "-" if last is None else f"{last['test_acc']:.4f}" + (
+        acc = "-" if last is None else f"{last[self.metric]:.4f}" + (
             "" if last["round"] == round_done else f" (round {last['round']})")
         recent = statistics.median(run.round_times[-20:][1:] or run.round_times[-1:])
-        self.log(f"round {round_done:4d}/{self.rounds}  test_acc {acc}  train_loss "
+        self.log(f"round {round_done:4d}/{self.rounds}  {self.metric} {acc}  train_loss "
                  f"{train_loss:.4f}  {dt:.2f}s  {1.0 / recent:.2f} rounds/s  "
                  f"{seen / dt:,.0f} ex/s  ETA {_eta(recent * (self.rounds - round_done))}")
 
@@ -580,13 +605,14 @@ def finish(exp: Experiment, run: Run, seconds: float) -> dict[str, Any]:
                              "use --overwrite to run it again")
     # steady rounds: all but each attempt's first (compiling)
     steady = [s for i, s in enumerate(run.round_times) if i not in run.first_rounds] or run.round_times
-    final, best = records[-1], max(records, key=lambda r: r["test_acc"])
+    metric = config.headline_metric
+    final, best = records[-1], max(records, key=lambda r: r[metric])
     first = run.round_times[run.first_rounds[-1]] if run.first_rounds else run.round_times[0]
     summary = {
         "config": config.to_dict(),
         "algorithm": exp.algorithm.name,
         "final": {k: v for k, v in final.items() if not k.endswith("per_client")},
-        "best_test_acc": best["test_acc"],
+        f"best_{metric}": best[metric],
         "best_round": best["round"],
         # this attempt's first round (with its compiling), the total over all attempts
         "first_round_seconds": first,
@@ -600,6 +626,8 @@ def finish(exp: Experiment, run: Run, seconds: float) -> dict[str, Any]:
         "local_steps_per_round": ctx.trainer.num_steps,
         "train_examples_per_client": np.asarray(ctx.store.train_count).tolist(),
         "test_examples_per_client": np.asarray(ctx.store.test_count).tolist(),
+        **({"validation_examples_per_client": np.asarray(ctx.store.val_count).tolist()}
+           if ctx.store.val_count is not None else {}),
         "label_histogram": label_histogram(ctx.store).tolist(),
         "samples_per_client": exp.partition.samples_per_client,
         # the file a --partition=file:PATH run read its split from (None: made by the scheme)
@@ -670,7 +698,7 @@ def run_experiment(config: ExperimentConfig, workdir: str | None = None,
         t_start = time.perf_counter()
         try:
             with StopRequests(exp, run) as stop:
-                train_loop(exp, run, Progress(log, options.log_every, config.rounds), stop)
+                train_loop(exp, run, Progress(log, options.log_every, config.rounds, config.headline_metric), stop)
         finally:
             run.close()
         return finish(exp, run, time.perf_counter() - t_start)
@@ -706,22 +734,27 @@ def write_failure(error: OSError, run: Run | None) -> str:
 
 
 def format_table(summary: dict[str, Any], max_rows: int = 10) -> str:
-    """A short text table of the evaluated rounds and the final result."""
+    """A short text table of the evaluated rounds and the final result (test accuracy, or
+    validation accuracy for a run without test evaluation)."""
     records = summary["records"]
+    split = "test" if "test_acc" in records[-1] else "val"
+    metric = f"{split}_acc"
     views = [k[: -len("_test_acc")] for k in records[-1] if k.endswith("_test_acc") and not k.startswith("test")]
-    head = ["round", "test_acc", "acc_unw", "acc_std"] + [f"{v}_acc" for v in views] + ["train_loss", "round_s"]
+    extra = ["val_acc"] if split == "test" and "val_acc" in records[-1] else []
+    head = ["round", metric, "acc_unw", "acc_std"] + [f"{v}_acc" for v in views] + extra + ["train_loss", "round_s"]
     rows = records if len(records) <= max_rows else records[:: max(1, len(records) // max_rows)]
     if rows[-1] is not records[-1]:
         rows = rows + [records[-1]]
     lines = ["  ".join(f"{h:>10}" for h in head)]
     for r in rows:
-        vals = [f"{r['round']:>10d}", f"{r['test_acc']:>10.4f}", f"{r['test_acc_unweighted']:>10.4f}",
-                f"{r['test_acc_std']:>10.4f}"]
+        vals = [f"{r['round']:>10d}", f"{r[metric]:>10.4f}", f"{r[metric + '_unweighted']:>10.4f}",
+                f"{r[metric + '_std']:>10.4f}"]
         vals += [f"{r[v + '_test_acc']:>10.4f}" for v in views]
+        vals += [f"{r[k]:>10.4f}" for k in extra]
         vals += [f"{r['train_loss']:>10.4f}", f"{r['round_seconds']:>10.3f}"]
         lines.append("  ".join(vals))
-    lines.append(f"{summary['algorithm']}: final test_acc {records[-1]['test_acc']:.4f} "
-                 f"(best {summary['best_test_acc']:.4f} at round {summary['best_round']}); "
+    lines.append(f"{summary['algorithm']}: final {metric} {records[-1][metric]:.4f} "
+                 f"(best {summary['best_' + metric]:.4f} at round {summary['best_round']}); "
                  f"median round {summary['median_round_seconds']:.3f}s, first round "
                  f"{summary['first_round_seconds']:.2f}s (incl. compile)")
     return "\n".join(lines)

@@ -80,11 +80,22 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(old: dict, new: dict) -> list[str]:
-    """'field: old -> new' for every differing (flattened, dotted) config field, sorted."""
+def config_differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """'field: old -> new' for every differing (flattened, dotted) config field, sorted.
+
+    A field `old` lacks (a config.json written before the field existed) counts as its
+    value in `defaults` (a config dict), when given."""
     a, b = _flatten(old), _flatten(new)
+    if defaults is not None:
+        a = {**{k: v for k, v in _flatten(defaults).items() if k in b}, **a}
     return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _defaults_of(config: Any) -> dict | None:
+    """`config.default_dict()` (every field at its default) when the config has one."""
+    defaults = getattr(config, "default_dict", None)
+    return json.loads(json.dumps(defaults())) if defaults is not None else None
 
 
 def prepare_workdir(workdir: str, config: Any, overwrite: bool, primary: bool = True) -> bool:
@@ -120,7 +131,7 @@ def prepare_workdir(workdir: str, config: Any, overwrite: bool, primary: bool = 
                 except json.JSONDecodeError:
                     raise UserInputError(f"--workdir {workdir!r} holds an unreadable {CONFIG_FILE}; "
                                          "use another --workdir or --overwrite") from None
-            diffs = [d for d in config_differences(old, new)
+            diffs = [d for d in config_differences(old, new, _defaults_of(config))
                      if d.split(":")[0] not in RESUMABLE_CHANGES]
             if diffs:
                 shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
