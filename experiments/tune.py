@@ -32,8 +32,8 @@ SIGTERM (it finishes its round, checkpoints and exits) and the trial is PRUNED. 
 TPE (multivariate, seeded with --seed; its random start-up trials: a third of --trials, at
 most 10). A value the run refuses (a combination the config's validate() does not accept,
 checked before any process starts, or a run that exits with an error) makes the trial
-FAILED with its one error line; the study goes on (a method stops after --trials failures
-in one command). A study stops when its COMPLETE + PRUNED trials reach --trials (a study
+FAILED with its one error line; the study goes on (a method stops after max(10, --trials)
+failures in one command). A study stops when its COMPLETE + PRUNED trials reach --trials (a study
 that already has more from an earlier command runs none).
 
 Parallel trials (--jobs=N): N threads of this process each drive one child process at a
@@ -427,11 +427,10 @@ class Outcome:
     seconds: float = 0.0
 
 
-def run_trial(trial: optuna.Trial, plan: MethodPlan, tune_dir: str) -> Outcome:
-    """Runs one trial's experiments.run process, reporting each evaluated round's val_acc
-    and stopping the run when the pruner says so."""
+def run_trial(trial: optuna.Trial, params: dict[str, Any], plan: MethodPlan, tune_dir: str) -> Outcome:
+    """Runs one trial's experiments.run process with `params` (the trial's values),
+    reporting each evaluated round's val_acc and stopping the run when the pruner says so."""
     start = time.perf_counter()
-    params = suggest(trial, plan.algorithm, plan.space)
     rel = trial.user_attrs.get("workdir") or trial_workdir(plan.key, trial.number)
     trial.set_user_attr("workdir", rel)
     try:
@@ -465,9 +464,11 @@ def run_trial(trial: optuna.Trial, plan: MethodPlan, tune_dir: str) -> Outcome:
                         continue
                     trial.report(float(row["val_acc"]), rnd)
                     reported = rnd
-                    if trial.should_prune() and code is None and pruned_at is None:
+                    # (a run that has ended is complete: the pruner only records its rungs)
+                    if trial.should_prune() and code is None:
                         pruned_at = rnd
                         proc.terminate()  # experiments.run checkpoints after the round, exits
+                        break
                 if code is not None or pruned_at is not None:
                     break
                 time.sleep(POLL_S)
@@ -516,17 +517,20 @@ class StudyRunner:
         self.lock = threading.Lock()
         self.failures = 0
 
-    def _next(self) -> optuna.Trial | None:
-        """A new trial, or None when the study has enough (or too many failures)."""
+    def _next(self) -> tuple[optuna.Trial, dict[str, Any]] | None:
+        """A new trial and its values, or None when the study has enough (or too many
+        failures). The values are drawn under the lock: one sampler call at a time, in the
+        order the trials are asked for."""
         while True:
             with self.lock:
-                if self.failures >= self.trials:
+                if self.failures >= max(10, self.trials):
                     return None
                 c = counts(self.study.get_trials(deepcopy=False))
                 if c["complete"] + c["pruned"] >= self.trials:
                     return None
                 if c["complete"] + c["pruned"] + c["running"] < self.trials:
-                    return self.study.ask()
+                    trial = self.study.ask()
+                    return trial, suggest(trial, self.plan.algorithm, self.plan.space)
             time.sleep(POLL_S)  # the running trials may still fail: wait for them
 
     def _finish(self, trial: optuna.Trial, outcome: Outcome) -> None:
@@ -555,11 +559,12 @@ class StudyRunner:
 
     def _worker(self) -> None:
         while True:
-            trial = self._next()
-            if trial is None:
+            asked = self._next()
+            if asked is None:
                 return
+            trial, params = asked
             try:
-                outcome = run_trial(trial, self.plan, self.tune_dir)
+                outcome = run_trial(trial, params, self.plan, self.tune_dir)
             except OSError as e:  # e.g. the log or workdir cannot be written
                 outcome = Outcome("failed", why=f"error: {type(e).__name__}: {e}")
             self._finish(trial, outcome)
