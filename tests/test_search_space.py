@@ -139,6 +139,6 @@ def test_suggest_draws_every_kind_through_an_optuna_trial():
     assert trial.distributions["train.lr"].log
 
 
-def test_a_plugin_declares_its_space_the_same_way():
+def test_the_default_space_is_the_client_lr():
     assert algorithm_class("fedavg").search_space == (CLIENT_LR,)  # the default
     assert [h.path for h in search_space("pfedhn")] == ["train.lr", "hn_lr", "embed_lr"]

@@ -13,7 +13,6 @@ on a configured case (enqueued values, in process). Bad input in process: one er
 """
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -319,8 +318,6 @@ def test_bad_input_is_one_error_before_anything_runs(tmp_path):
         assert message in _error(args, tmp_path), (args, _error(args, tmp_path))
     assert not (tmp_path / "never").exists()
     (tmp_path / "file").write_text("x")
-    values = flags.FlagValues()
-    tune.define_flags(values)
     with pytest.raises(tune.TuneError, match="is a file"):
         tune.tune(PRESET, "fedavg", 2, "paper", str(tmp_path / "file"), log=lambda line: None)
 
