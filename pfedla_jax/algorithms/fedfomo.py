@@ -94,6 +94,7 @@ import numpy as np
 
 from pfedla_jax.algorithms.base import Algorithm, AlgorithmConfig, Evaluation, TableRow
 from pfedla_jax.algorithms.registry import register
+from pfedla_jax.algorithms.search_space import CLIENT_LR, ConfigBound, IntRange
 from pfedla_jax.core.client_parallel import for_each_client
 from pfedla_jax.core.client_update import masked_cross_entropy
 from pfedla_jax.core.evaluation import View
@@ -307,6 +308,12 @@ def _span(values) -> str:
 class FedFomo(Algorithm):
     display_name = "FedFomo"
     table_rows = (TableRow("fedfomo", "FedFomo", order=7),)
+    # M from 1 to all N - 1 others, at most 9 (the presets' 10 clients; the paper's largest
+    # M is 10)
+    search_space = (CLIENT_LR,
+                    IntRange("num_candidates", 1,
+                             ConfigBound("min(9, num_clients - 1)", lambda c: max(1, min(9, c.num_clients - 1))),
+                             source="FedFomo Sec. 4: 5 and 10 of 15 clients; FL-bench/PFLlib: 5"))
     server_state_keys = ("affinity", "uploaded", "split")
     export_name = "affinity"
 

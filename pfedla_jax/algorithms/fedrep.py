@@ -38,6 +38,7 @@ import jax
 from pfedla_jax.algorithms.fedavg import FedAvg
 from pfedla_jax.algorithms.base import AlgorithmConfig, TableRow
 from pfedla_jax.algorithms.registry import register
+from pfedla_jax.algorithms.search_space import CLIENT_LR, ConfigBound, IntRange
 from pfedla_jax.core.client_update import PhaseMasks, sgd_update
 from pfedla_jax.core.local_training import make_optimizer
 from pfedla_jax.errors import UserInputError
@@ -84,6 +85,14 @@ class FedRepConfig(AlgorithmConfig):
 class FedRep(FedAvg):
     display_name = "FedRep"
     table_rows = (TableRow("fedrep", "FedRep", order=6),)
+    # the head/body split of the local epochs E: body_epochs 1..E - 1, so head epochs
+    # E - body_epochs from E - 1 (FL-bench: E - 1 head + 1 body) down to 1 (PFLlib: 1 head
+    # epoch); the official scripts train 10 head + 1 or 5 body epochs. E = 1: body 1, head 0.
+    search_space = (CLIENT_LR,
+                    IntRange("body_epochs", 1,
+                             ConfigBound("local_epochs - 1", lambda c: max(1, c.train.local_epochs - 1)),
+                             source="FedRep official scripts: 1 or 5 body epochs after 10 head "
+                             "epochs; FL-bench: 1; PFLlib: 1 head epoch"))
 
     def __init__(self, ctx, config=None):
         super().__init__(ctx, config)

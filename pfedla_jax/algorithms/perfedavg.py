@@ -66,6 +66,7 @@ import numpy as np
 
 from pfedla_jax.algorithms.base import Algorithm, AlgorithmConfig, Evaluation, FLContext, TableRow
 from pfedla_jax.algorithms.registry import register
+from pfedla_jax.algorithms.search_space import CLIENT_LR, LogUniform
 from pfedla_jax.core.aggregation import weighted_average
 from pfedla_jax.core.client_update import Batch, ClientUpdate, masked_cross_entropy, mean_batch_loss
 from pfedla_jax.core.evaluation import View
@@ -219,6 +220,13 @@ class PerFedAvg(Algorithm):
 
     display_name = "Per-FedAvg"
     table_rows = (TableRow("perfedavg", "Per-FedAvg", order=2),)
+    # alpha is the client lr (--perfedavg_alpha stays 0 = --lr): tuning train.lr tunes alpha
+    # (FL-bench: alpha = the client optimizer's lr; pFedMe's code 0.005, tuned 0.02-0.03).
+    # beta from the references' 1e-3 (FL-bench, pFedMe's code, KarhouTam/Per-FedAvg; pFedMe's
+    # code tuned 1e-3 - 3e-3) up to beta = alpha (PFLlib) at the client-lr range's top.
+    search_space = (CLIENT_LR,
+                    LogUniform("beta", 1e-4, 0.3, source="1e-3: FL-bench, pFedMe's code, "
+                               "KarhouTam/Per-FedAvg; beta = alpha: PFLlib"))
     server_state_keys = ("global_params",)
 
     @classmethod

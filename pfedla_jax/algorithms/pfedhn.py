@@ -65,6 +65,7 @@ import optax
 
 from pfedla_jax.algorithms.base import Algorithm, AlgorithmConfig, Evaluation, FLContext, TableRow
 from pfedla_jax.algorithms.registry import register
+from pfedla_jax.algorithms.search_space import CLIENT_LR, LogUniform
 from pfedla_jax.core.client_parallel import on_every_device
 from pfedla_jax.core.client_update import sgd_update
 from pfedla_jax.core.evaluation import View
@@ -300,6 +301,11 @@ class PFedHN(Algorithm):
 
     display_name = "pFedHN"
     table_rows = (TableRow("pfedhn", "pFedHN", order=4),)
+    # a decade around the official defaults (AvivSham/pFedHN trainer.py: lr 1e-2, embed_lr
+    # None = lr; FL-bench's pfedhn.py the same)
+    search_space = (CLIENT_LR,
+                    LogUniform("hn_lr", 1e-3, 0.1, source="pFedHN official code: 1e-2"),
+                    LogUniform("embed_lr", 1e-3, 0.1, source="pFedHN official code: embed_lr = lr = 1e-2"))
     server_state_keys = ("hn_params", "hn_opt_state")
 
     @classmethod

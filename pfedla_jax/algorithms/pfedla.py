@@ -47,6 +47,7 @@ import optax
 
 from pfedla_jax.algorithms.base import Algorithm, AlgorithmConfig, Evaluation, FLContext, TableRow
 from pfedla_jax.algorithms.registry import register
+from pfedla_jax.algorithms.search_space import CLIENT_LR, Choice, LogUniform
 from pfedla_jax.core.aggregation import aggregate, alpha_cotangent
 from pfedla_jax.core.client_parallel import RowBlock, on_every_device, over_row_blocks, rows_mesh
 from pfedla_jax.core.evaluation import View
@@ -157,6 +158,13 @@ class PFedLA(Algorithm):
         TableRow("pfedla", "pFedLA", order=8),
         TableRow("heurpfedla", "HeurpFedLA (k=1)", order=9, options=(("heur_k", 1),)),
     )
+    # The paper gives no hypernetwork lr or optimizer: from the public code's 0.005 (raw
+    # cotangent) past this project's 0.1 (model-normalised cotangent, BUILD_NOTES (pFedLA: the
+    # hypernetwork step)); SGD (the default) or Adam
+    search_space = (CLIENT_LR,
+                    LogUniform("hn_lr", 1e-3, 1.0, source="KarhouTam/pFedLA, FL-bench: 0.005; "
+                               "this project's default 0.1"),
+                    Choice("hn_optimizer", ("sgd", "adam"), source="the optimizers --hn_optimizer offers"))
 
     export_name = "alpha"
     # the options that add state (HeurpFedLA keeps exactly pFedLA's)

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 
 from pfedla_jax.algorithms.base import Algorithm, AlgorithmConfig, Evaluation, FLContext, TableRow
 from pfedla_jax.algorithms.registry import register
+from pfedla_jax.algorithms.search_space import IntRange, LogUniform
 from pfedla_jax.core.aggregation import weighted_average
 from pfedla_jax.core.client_update import Batch, ClientUpdate, masked_cross_entropy, mean_batch_loss
 from pfedla_jax.core.evaluation import View
@@ -171,6 +172,17 @@ class PFedMe(Algorithm):
 
     display_name = "pFedMe"
     table_rows = (TableRow("pfedme", "pFedMe", order=3),)
+    # The bounds keep every combination valid: lr * lam <= 0.09 * 20 = 1.8 < 2 and
+    # personal_lr * lam <= 1.8 < 2 (mu = 0), so no sampled point is refused by validate().
+    search_space = (
+        LogUniform("train.lr", 1e-3, 0.09, source="pFedMe Sec. 5: eta 0.005 (tuned 0.01); capped "
+                   "so that lr * lam < 2 over the whole lam range"),
+        LogUniform("lam", 1.0, 20.0, source="pFedMe Sec. 5 / official code: 15 (tuned 15-30, "
+                   "capped at 20); PFLlib 1.0"),
+        LogUniform("personal_lr", 1e-3, 0.09, source="pFedMe Sec. 5: 0.09 (non-convex MNIST); "
+                   "official README CIFAR-10, FL-bench, PFLlib: 0.01"),
+        IntRange("inner_steps", 1, 10, source="K = 5: pFedMe official code, FL-bench, PFLlib"),
+    )
     server_state_keys = ("global_params",)
 
     @classmethod
