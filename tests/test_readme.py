@@ -10,7 +10,7 @@ import sys
 import pytest
 from absl import flags
 
-from experiments import launch, plots, sweep, table
+from experiments import launch, plots, sweep, table, tune
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.training.command_line import config_from_argv, help_text, wants_help
 
@@ -136,6 +136,8 @@ def test_every_readme_command_parses(argv, tmp_path):
             _tool_flags(table.define_flags, prog + args)
         elif module == "experiments.plots":
             _tool_flags(plots.define_flags, prog + args)
+        elif module == "experiments.tune":
+            _tool_flags(tune.define_flags, prog + args)
         else:  # the measurement tools: the module exists and its --help (absl's: exit 1) names the flags
             p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
                                text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
