@@ -155,16 +155,16 @@ def test_fig5_preset_is_the_paper_fig5_setting():
 def test_table_presets_list_every_built_method(path):
     """Every Table 1/2 preset's header gives the command of every method of the paper's
     table that this project has (FedBN where the model has BN), with the paper's number.
-    The paper's methods: the algorithms with a row in the paper's order (`TableRow.order`
-    below 100; the registry's table metadata), but the preset's own (its flags'
-    --algorithm, whose command is the flagfile alone)."""
+    The paper's methods: the algorithms with a row of the paper's (`TableRow.in_paper`; the
+    registry's table metadata), but the preset's own (its flags' --algorithm, whose command
+    is the flagfile alone)."""
     name = os.path.basename(path)[: -len(".flags")]
     body, comments = _flag_lines(path)
     commands = [c for c in comments if f"--flagfile=experiments/presets/{name}.flags" in c]
     given = {m.group(1) for c in commands for m in [re.search(r"--algorithm=(\w+)", c)] if m}
     has_bn = table.model_has_bn(body)
     expected = {algorithm for algorithm in algorithm_names() for row in algorithm_class(algorithm).rows()
-                if row.order < 100 and (has_bn or not row.needs_batchnorm)}
+                if row.in_paper and (has_bn or not row.needs_batchnorm)}
     expected -= {_config(path).algorithm}
     assert expected, "no algorithm declares a row of the paper's table"
     assert expected <= given, expected - given
