@@ -26,7 +26,7 @@ def ragged():
 
 def test_split_on_the_models(ragged):
     """Default: FC2 and FC3 global, the representation (convs, FC1, and BN on CIFAR) local;
-    the bytes are FC2 + FC3 (11,014 floats, the digest of the references' split)."""
+    the bytes are FC2 + FC3 (11,014 floats)."""
     ds, store = ragged
     ctx = make_ctx(ds, store, LocalTrainConfig(batch_size=16, local_epochs=1, lr=0.05))
     algo = LGFedAvg(ctx)
