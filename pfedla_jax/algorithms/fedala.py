@@ -1,5 +1,5 @@
 """FedALA (Zhang, Hua, Wang, Shen, Xue, Guan, "FedALA: Adaptive Local Aggregation for
-Personalized Federated Learning", AAAI 2023, Eqs. 1-2 and Algorithm 1; official code
+Personalized Federated Learning", AAAI 2023, Eqs. 1-2; official code
 TsingZ0/FedALA `system/utils/ALA.py`, `clientALA.py`, `serverALA.py`).
 
 Before local training, each participant mixes the global model Theta it receives into its
@@ -39,7 +39,7 @@ BN: the ALA forward passes run in train mode (batch statistics) and their runnin
 updates are discarded (the official temporary model's are); the BN scale/bias of lower
 layers take Theta like every lower parameter. Running statistics stay with each client.
 
-Defaults and sources: s = 80, p = 1 (the paper, §5 and its ablation; the code's
+Defaults and sources: s = 80, p = 1 (the paper's settings and ablations; the code's
 `layer_idx = 2` counts tensors: FC3's kernel and bias), eta = 1.0 (official code), the loss
 window 10 (`num_pre_loss`), threshold 0.1 (the code's `ALA.__init__` default, which
 `clientALA` never overrides; the README mentions 0.01). The start phase has no cap in the
