@@ -1,4 +1,4 @@
-"""FedALA (Zhang, Hua, Wang, Shen, Xue, Guan, AAAI 2023) written as PyTorch FL code.
+"""FedALA (Zhang, Hua, Wang, Song, Xue, Ma, Guan, AAAI 2023) written as PyTorch FL code.
 
 The PyTorch reference of `pfedla_jax/algorithms/fedala.py`, written the way a PyTorch user
 would (the official TsingZ0/FedALA `utils/ALA.py` structure, not a translation of the

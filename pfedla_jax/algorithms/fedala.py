@@ -1,4 +1,4 @@
-"""FedALA (Zhang, Hua, Wang, Shen, Xue, Guan, "FedALA: Adaptive Local Aggregation for
+"""FedALA (Zhang, Hua, Wang, Song, Xue, Ma, Guan, "FedALA: Adaptive Local Aggregation for
 Personalized Federated Learning", AAAI 2023, Eqs. 1-2; official code
 TsingZ0/FedALA `system/utils/ALA.py`, `clientALA.py`, `serverALA.py`).
 
