@@ -1,10 +1,12 @@
-"""An idiomatic PyTorch reference of pFedLA and FedAvg (optional extra `torch`).
+"""An idiomatic PyTorch reference of pFedLA, FedAvg and some baselines (optional extra `torch`).
 
   model.py         CNNTarget (nn.Module) + weight converters to/from pfedla_jax's layout
   hypernetwork.py  LayerWeightHypernetwork (nn.Module) + converters
   fl.py            ClientData, batch orders, train_client, FedAvgServer, PFedLAServer
   pfedhn.py        pFedHN: CNNHyper (nn.Module), PFedHNServer + hypernetwork converters
   fedrep.py        FedRep: FedRepServer (head epochs, then body epochs; body averaged)
+  fedala.py        FedALA: FedALAServer (ALA before local SGD; FedAvg on the server),
+                   adaptive_local_aggregation
   device.py        --torch_device (auto | cpu | cuda), TF32 off for comparisons, synchronize
   parity.py        one pFedLA round of JAX and of this reference from the same start, compared
                    (used by experiments.bench.gpu_check on the GPU)

@@ -13,13 +13,13 @@ from pfedla_jax.algorithms.base import (Algorithm, AlgorithmConfig, Evaluation, 
                                         NoConfig, TableRow)
 from pfedla_jax.algorithms.registry import (algorithm_class, algorithm_names, config_fields,
                                             register)
-from pfedla_jax.algorithms.search_space import (CLIENT_LR, Choice, Hyperparameter, IntRange,
-                                                LogUniform, Uniform)
+from pfedla_jax.algorithms.search_space import (CLIENT_LR, Choice, ConfigBound, Hyperparameter,
+                                                IntRange, LogUniform, Uniform)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("base", "registry", "search_space"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Algorithm", "AlgorithmConfig", "CLIENT_LR", "Choice", "Evaluation", "FLContext",
+__all__ = ["Algorithm", "AlgorithmConfig", "CLIENT_LR", "Choice", "ConfigBound", "Evaluation", "FLContext",
            "Hyperparameter", "IntRange", "LogUniform", "NoConfig", "TableRow", "Uniform",
            "algorithm_class", "algorithm_names", "config_fields", "register"]
