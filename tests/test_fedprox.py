@@ -142,7 +142,7 @@ def naive_prox_client(grad, batches, start, anchor, stats, lr, rho):
     return w, stats
 
 
-def assert_tree_close(got, want, msg="", rtol=5e-5, atol=5e-6):
+def assert_tree_close(got, want, msg="", rtol=1e-5, atol=1e-6):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol, err_msg=msg)
 
