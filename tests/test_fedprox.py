@@ -135,10 +135,11 @@ def minibatches(store, trainer, cid, key):
 
 def naive_prox_client(grad, batches, start, anchor, stats, lr, rho):
     """Plain SGD on CE + rho/2 ||w - anchor||^2 over `batches`: (params, batch_stats)."""
+    step = jax.jit(lambda w, g: jax.tree.map(lambda wi, gi, ai: wi - lr * (gi + rho * (wi - ai)), w, g, anchor))
     w = start
     for x, y in batches:
         g, stats = grad(w, stats, x, y)
-        w = jax.tree.map(lambda wi, gi, ai: wi - lr * (gi + rho * (wi - ai)), w, g, anchor)
+        w = step(w, g)
     return w, stats
 
 
