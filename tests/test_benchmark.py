@@ -137,7 +137,7 @@ def test_flags_are_defined_by_define_flags_only():
 
 @pytest.mark.parametrize("args,pattern", [
     (["--models=resnet"], "resnet"),
-    (["--algorithm=fedprox"], "algorithm"),
+    (["--algorithm=nosuch"], "algorithm"),
     (["--local_steps=0"], "local_steps"),
     (["--server_clients=1"], "server_clients"),
     (["--server_clients=ten"], "server_clients"),

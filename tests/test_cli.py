@@ -55,7 +55,7 @@ def test_smoke_run_writes_metrics(tmp_path, algorithm, extra):
 
 BAD = [
     (["--dataset=nosuch"], "dataset"),
-    (["--algorithm=fedprox"], "algorithm"),
+    (["--algorithm=nosuch"], "algorithm"),
     (["--partition=weird"], "partition"),
     (["--rounds=0"], "rounds"),
     (["--lr=-1"], "lr"),
@@ -109,7 +109,7 @@ def test_bad_input_is_one_line(args, pattern, tmp_path):
 
 # the wrapper: experiments.run prints the refusal as one `error:` line and exits 2, for a
 # flag it cannot parse, a config it refuses and a run that fails after the data is loaded
-WRAPPER = [(["--rounds=abc"], "rounds"), (["--algorithm=fedprox"], "algorithm"),
+WRAPPER = [(["--rounds=abc"], "rounds"), (["--algorithm=nosuch"], "algorithm"),
            pytest.param(["--classes_per_client=11"], "class", marks=pytest.mark.slow)]
 
 

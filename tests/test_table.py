@@ -204,7 +204,7 @@ def test_a_killed_table_resumes_to_the_uninterrupted_numbers(tmp_path):
 
 BAD = [
     (["--preset=nosuch"], "unknown --preset 'nosuch'"),
-    (["--preset=table1_fmnist_n10_small", "--methods=fedavg,fedprox"], "unknown --methods fedprox"),
+    (["--preset=table1_fmnist_n10_small", "--methods=fedavg,nosuch"], "unknown --methods nosuch"),
     (["--preset=table1_fmnist_n10_small", "--seeds=0,x"], "--seeds must be comma-separated integers"),
     (["--preset=table1_fmnist_n10_small", "--seeds=1,1"], "distinct"),
     (["--preset=table1_cifar10_n10", "--budget=cpu"], "defines no CPU budget"),
@@ -340,7 +340,7 @@ BAD_PARAMS = [  # (best.json's methods, its top-level fields, extra args, what t
     ({"pfedla": ("pfedla", PFEDLA)}, {"preset": "table2_fmnist_n10_small"}, [],
      "tuned on preset 'table2_fmnist_n10_small', not 'table1_fmnist_n10_small'"),
     ({"pfedla": ("pfedla", PFEDLA)}, {"budget": "paper"}, [], "tuned at budget 'paper', not --budget=cpu"),
-    ({"fedprox": ("fedprox", {"train.lr": 0.1})}, {}, [], "tunes method 'fedprox', which is not a table row"),
+    ({"nosuch": ("nosuch", {"train.lr": 0.1})}, {}, [], "tunes method 'nosuch', which is not a table row"),
     ({"heurpfedla": ("fedavg", {"train.lr": 0.1})}, {}, [], "'heurpfedla' is algorithm 'fedavg' there"),
     ({"pfedla": ("pfedla", {"pfedla.hn_lr": -0.1})}, {}, [], "hn_lr must be >= 0"),
     ({"pfedla": ("pfedla", {"train.lr": "fast"})}, {}, [], "method pfedla: "),

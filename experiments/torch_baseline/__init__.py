@@ -5,6 +5,8 @@
   fl.py            ClientData, batch orders, train_client, FedAvgServer, PFedLAServer
   pfedhn.py        pFedHN: CNNHyper (nn.Module), PFedHNServer + hypernetwork converters
   fedrep.py        FedRep: FedRepServer (head epochs, then body epochs; body averaged)
+  ditto.py         Ditto: DittoServer (personal models pulled toward the round's global
+                   model, interleaved with FedAvg's local steps)
   fedala.py        FedALA: FedALAServer (ALA before local SGD; FedAvg on the server),
                    adaptive_local_aggregation
   device.py        --torch_device (auto | cpu | cuda), TF32 off for comparisons, synchronize
