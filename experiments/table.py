@@ -108,7 +108,7 @@ from pfedla_jax.algorithms.search_space import override_flags
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.training.command_line import HELP_FLAGS, config_from_argv, import_plugin
 from pfedla_jax.training.config import apply_overrides
-from pfedla_jax.training.workdir import describe_holder, lock_holder
+from pfedla_jax.training.workdir import config_differences, describe_holder, lock_holder
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 BUDGETS = ("paper", "cpu")
@@ -411,6 +411,9 @@ class TunedParams:
       methods: {row key: TunedMethod}, in the file's order.
       validation_fraction, seed, objective: how it was tuned (as recorded; None if absent).
       sha256: of the file's bytes.
+      run_flags: the tune's --run_flags (None if not recorded).
+      no_result: methods the file holds without a complete trial (params null): they run
+        untuned.
     """
 
     path: str
@@ -421,6 +424,8 @@ class TunedParams:
     seed: int | None = None
     objective: str | None = None
     sha256: str = ""
+    run_flags: tuple[str, ...] | None = None
+    no_result: tuple[str, ...] = ()
 
 
 def _preset_name(text: str) -> str:
@@ -462,11 +467,14 @@ def read_params(path: str) -> TunedParams:
             raise bad(f"no {name!r}")
     if not isinstance(data.get("methods"), dict) or not data["methods"]:
         raise bad("no 'methods' (an object of at least one method)")
-    tuned = {}
+    tuned, no_result = {}, []
     for key, entry in data["methods"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("algorithm"), str):
             raise bad(f"method {key!r} has no 'algorithm'")
         params = entry.get("params")
+        if params is None and entry.get("val_acc") is None:  # the study has no complete trial
+            no_result.append(key)
+            continue
         if not isinstance(params, dict) or not all(
                 isinstance(k, str) and isinstance(v, (bool, int, float, str)) for k, v in params.items()):
             raise bad(f"method {key!r}: 'params' must be an object of key: number, bool or string")
@@ -485,12 +493,20 @@ def read_params(path: str) -> TunedParams:
         tuned[key] = TunedMethod(key, entry["algorithm"], dict(params),
                                  None if val_acc is None else float(val_acc), search_space=tuple(space),
                                  **counts)
+    if not tuned:
+        raise TableError(f"--params {path}: no method has a complete trial ({', '.join(no_result)}); "
+                         "run experiments.tune further")
     fraction, seed = data.get("validation_fraction"), data.get("seed")
+    run_flags = data.get("run_flags")
+    if run_flags is not None and not (isinstance(run_flags, list)
+                                      and all(isinstance(f, str) for f in run_flags)):
+        raise bad("'run_flags' must be a list of strings")
     return TunedParams(os.path.abspath(path), data["preset"], data["budget"], tuned,
                        float(fraction) if _is_number(fraction) else None,
                        seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
                        data.get("objective") if isinstance(data.get("objective"), str) else None,
-                       hashlib.sha256(raw).hexdigest())
+                       hashlib.sha256(raw).hexdigest(),
+                       None if run_flags is None else tuple(run_flags), tuple(no_result))
 
 
 def check_params(tuned: TunedParams, preset: Preset, budget: str) -> None:
@@ -961,14 +977,19 @@ def _without(argv: Sequence[str], part: Sequence[str]) -> tuple[str, ...]:
     return argv
 
 
-def check_tuned_configs(specs: Sequence[RunSpec], tuned: TunedParams) -> None:
+def check_tuned_configs(specs: Sequence[RunSpec], tuned: TunedParams,
+                        run_flags: Sequence[str] = ()) -> None:
     """For each tuned method, before anything runs: best.json's params applied to the config
     of its run without them (`training.config.apply_overrides`) give a valid config, and the
-    same config as its run's flags (the flags carry exactly the chosen values).
+    same config as its run's flags (the flags carry exactly the chosen values); and, when
+    best.json records the tune's --run_flags, the run computes what the trials computed
+    (the same ExperimentConfig but its seed and the trials' validation split and test
+    switch), so values tuned on another setting (e.g. fewer rounds) are not used silently.
 
     Raises:
       TableError: params the config refuses (a field the algorithm lacks, an option of
-        another algorithm, a value its `validate()` refuses), or flags that do not give them.
+        another algorithm, a value its `validate()` refuses), flags that do not give them, or
+        a run whose setting differs from the tuning's.
     """
     seen = set()
     for spec in specs:
@@ -990,6 +1011,19 @@ def check_tuned_configs(specs: Sequence[RunSpec], tuned: TunedParams) -> None:
             raise TableError(f"{where}: the run flags {' '.join(spec.tuned_flags)} do not give the "
                              f"values {tuned.methods[spec.method].params} (a key without an "
                              "experiments.run flag?)")
+        if tuned.run_flags is None:
+            continue
+        try:
+            trial = config_from_argv(["experiments.run", *_without(argv, tuple(run_flags)),
+                                      *tuned.run_flags]).config
+        except UserInputError as e:
+            raise TableError(f"{where}: the tune's --run_flags {' '.join(tuned.run_flags)}: {e}") from None
+        same = lambda c: dataclasses.replace(c, seed=0, validation_fraction=0.0, evaluate_test=True)
+        diffs = config_differences(same(trial).to_dict(), same(got).to_dict())
+        if diffs:
+            raise TableError(f"{where}: the values were tuned on another setting ({'; '.join(diffs[:3])}: "
+                             "the tune's --run_flags against this table's); tune again, or give the "
+                             "table the same --run_flags")
 
 
 def import_plugins(imports: Sequence[str]) -> list[str]:
@@ -1048,7 +1082,7 @@ def make_table(preset_name: str, seeds_text: str, methods_text: str, budget: str
         raise TableError(f"--table_dir {table_dir!r} is a file, not a folder")
     specs = plan_runs(preset, seeds, methods, budget, run_flags, table_dir, imports, tuned)
     if tuned is not None:
-        check_tuned_configs(specs, tuned)
+        check_tuned_configs(specs, tuned, run_flags)
     check_run_configs(specs)
     try:
         os.makedirs(os.path.join(table_dir, "logs"), exist_ok=True)

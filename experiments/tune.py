@@ -62,7 +62,9 @@ with another preset, budget, validation fraction, seed or --run_flags on the sam
 refused (one error line): its trials would not be comparable.
 
 Writes into TUNE_DIR:
-  best.json          per method (every study in the dir): the chosen values (apply_overrides
+  best.json          the tune's preset, budget, validation fraction, seed and --run_flags
+      (experiments.table --params refuses a table whose runs would compute on another setting);
+      per method (every study in the dir): the chosen values (apply_overrides
       keys, exact values), their validation accuracy, the trial counts (complete, pruned,
       failed; interrupted trials are not counted), the best trial's number and the search
       space; rewritten atomically after every finished trial.
@@ -290,15 +292,20 @@ def storage_at(tune_dir: str) -> optuna.storages.JournalStorage:
 def make_study(storage, plan: MethodPlan, trials: int, jobs: int, seed: int, min_resource: int,
                reduction_factor: int) -> optuna.Study:
     """The method's study (created or loaded), with its sampler and pruner, its search space
-    recorded as user attributes."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=jobs > 1,
-                                             n_startup_trials=max(1, min(10, trials // 3)))
+    recorded as user attributes.
+
+    The sampler's seed is --seed plus the trials the study already holds: a resumed command
+    does not draw the killed command's first values again (TPE's random start-up trials would
+    restart from the same seed)."""
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource,
                                                     reduction_factor=reduction_factor)
     study = optuna.create_study(study_name=plan.key, storage=storage, direction="maximize",
-                                sampler=sampler, pruner=pruner, load_if_exists=True)
+                                pruner=pruner, load_if_exists=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.sampler = optuna.samplers.TPESampler(
+            seed=seed + len(study.get_trials(deepcopy=False)), multivariate=True,
+            constant_liar=jobs > 1, n_startup_trials=max(1, min(10, trials // 3)))
     study.set_user_attr("algorithm", plan.algorithm)
     study.set_user_attr("search_space", [h.describe() for h in plan.space])
     study.set_user_attr("log_params", [override_key(plan.algorithm, h.path) for h in plan.space
@@ -407,11 +414,18 @@ _CHILDREN_LOCK = threading.Lock()
 
 
 def _stop_children(signum, frame):  # pylint: disable=unused-argument
-    """SIGINT/SIGTERM/SIGHUP: stop the running trials too (each checkpoints; the same command
-    resumes them), then exit."""
+    """SIGINT/SIGTERM/SIGHUP: stop the running trials too (each finishes its round and
+    checkpoints, within STOP_GRACE_S; the same command resumes them), then exit."""
     with _CHILDREN_LOCK:
-        for proc in list(_CHILDREN):
-            proc.terminate()
+        children = list(_CHILDREN)
+    for proc in children:
+        proc.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for proc in children:  # they die with this process (PR_SET_PDEATHSIG): let them save first
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
     print(f"error: stopped by signal {signum}; the same command resumes", file=sys.stderr, flush=True)
     os._exit(128 + signum)
 
@@ -566,6 +580,9 @@ class StudyRunner:
             try:
                 outcome = run_trial(trial, params, self.plan, self.tune_dir)
             except OSError as e:  # e.g. the log or workdir cannot be written
+                outcome = Outcome("failed", why=f"error: {type(e).__name__}: {e}")
+            except Exception as e:  # pylint: disable=broad-except  (a thread that dies would leave
+                # its trial RUNNING and the other threads waiting for it forever)
                 outcome = Outcome("failed", why=f"error: {type(e).__name__}: {e}")
             self._finish(trial, outcome)
 
@@ -723,7 +740,8 @@ def _tune_locked(preset, plans, trials, budget, bflags, tune_dir, jobs, imports,
                                                            indent=1) + "\n"))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = storage_at(tune_dir)
-    meta = {"preset": preset.name, "budget": budget, "validation_fraction": validation_fraction, "seed": seed}
+    meta = {"preset": preset.name, "budget": budget, "validation_fraction": validation_fraction, "seed": seed,
+            "run_flags": list(run_flags)}
     write_lock = threading.Lock()
 
     def after_trial():

@@ -9,6 +9,7 @@ Bad input is checked in process (the tool's flags parsed as its program parses t
 
 import csv
 import glob
+import dataclasses
 import json
 import math
 import os
@@ -308,7 +309,18 @@ def test_params_plan_flag_order_and_default_table_dir(tmp_path):
                           "--seed=0", f"--workdir={tmp_path}/runs/pfedla/seed_0", "--quiet")
     assert heur.index("--heur_k=1") < heur.index("--lr=0.2") < heur.index("--data_dir=/d")
     assert not any(a.startswith("--lr=") for a in local) and specs[0].tuned_flags == ()
-    table.check_tuned_configs(specs, tuned)
+    table.check_tuned_configs(specs, tuned, ["--data_dir=/d"])
+    # the tune's --run_flags recorded: execution options may differ, the computation may not
+    for flags_ in (["--host_devices=1", "--client_parallelism=loop", "--tensorboard=false"], []):
+        table.check_tuned_configs(specs, dataclasses.replace(tuned, run_flags=tuple(flags_)),
+                                  ["--data_dir=/d"])
+    # a method whose study has no complete trial runs untuned
+    data = json.loads(best.read_text())
+    data["methods"]["fedavg"] = {"algorithm": "fedavg", "params": None, "val_acc": None, "trials": 12,
+                                 "complete": 0, "pruned": 12, "failed": 0, "best_trial": None}
+    best.write_text(json.dumps(data))
+    again = table.read_params(str(best))
+    assert set(again.methods) == {"pfedla", "heurpfedla"} and again.no_result == ("fedavg",)
     assert table.default_table_dir("p", "cpu", tuned=True) == os.path.join("runs", "table", "p_cpu_tuned")
     assert table.default_table_dir("p", "cpu", tuned=False) == os.path.join("runs", "table", "p_cpu")
     # the table's cells, by hand: chosen values and their validation accuracy, untuned rows marked
@@ -350,7 +362,16 @@ BAD_PARAMS = [  # (best.json's methods, its top-level fields, extra args, what t
     ({"heurpfedla": ("pfedla", {"pfedla.heur_k": 2})}, {}, [], "an option that defines the row 'heurpfedla'"),
     ({"pfedla": ("pfedla", PFEDLA)}, {}, ["--run_flags=--lr=0.1"], "may not set --lr: --params gives it"),
     ({"pfedla": ("pfedla", PFEDLA)}, {"methods": {}}, [], "no 'methods'"),
-    ({"pfedla": ("pfedla", PFEDLA)}, {"methods": {"pfedla": {"algorithm": "pfedla"}}}, [], "'params' must be"),
+    ({"pfedla": ("pfedla", PFEDLA)}, {"methods": {"pfedla": {"algorithm": "pfedla", "params": 3}}}, [],
+     "'params' must be"),
+    # a study without a complete trial (params and val_acc null), and no other method
+    ({"pfedla": ("pfedla", PFEDLA)}, {"methods": {"pfedla": {"algorithm": "pfedla", "params": None,
+                                                             "val_acc": None}}}, [],
+     "no method has a complete trial (pfedla)"),
+    # values tuned at another setting than this table's runs
+    ({"pfedla": ("pfedla", PFEDLA)}, {"run_flags": ["--rounds=20"]}, [],
+     "tuned on another setting (rounds: 20 -> 100"),
+    ({"pfedla": ("pfedla", PFEDLA)}, {"run_flags": "--rounds=20"}, [], "'run_flags' must be a list"),
 ]
 
 

@@ -189,7 +189,7 @@ def test_a_tune_dir_refuses_another_command(study_run, plugin):
 def test_a_killed_tune_resumes_to_the_same_count(tmp_path):
     out = tmp_path / "t"
     args = [f"--preset={PRESET}", "--methods=fedavg", "--trials=3", "--jobs=2", f"--tune_dir={out}",
-            f"--run_flags={TINY}", "--pruner_min_resource=100"]
+            f"--run_flags={TINY} --checkpoint_every=1 --rounds=40", "--pruner_min_resource=100"]
     p = _tool(args, start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -202,6 +202,9 @@ def test_a_killed_tune_resumes_to_the_same_count(tmp_path):
                 break
             time.sleep(0.2)
         assert p.poll() is None and len(running) == 2, p.communicate()
+        # (40 rounds: these runs are still going when the tool is killed, each checkpointed)
+        advanced = {os.path.basename(d) for d in running
+                    if os.path.exists(os.path.join(d, "metrics.jsonl")) and len(_metrics(d)) >= 2}
         # a second tune on the same dir: one error line, exit 2
         second = _tool(args)
         _, err = second.communicate(timeout=120)
@@ -230,10 +233,16 @@ def test_a_killed_tune_resumes_to_the_same_count(tmp_path):
     assert len(counted) == 3  # what an uninterrupted tune ends with: --trials
     stale = [t for t in trials if t.user_attrs.get("interrupted")]
     assert len(stale) == interrupted and all(t.state == optuna.trial.TrialState.FAIL for t in stale)
+    resumed = []
     for t in stale:  # each ran again with its values, in its workdir (resumed from its checkpoint)
         again = [r for r in trials if r.user_attrs.get("resumes") == t.number]
         assert len(again) == 1 and again[0].params == t.params
         assert again[0].user_attrs["workdir"] == t.user_attrs["workdir"]
+        if os.path.basename(t.user_attrs["workdir"]) in advanced:
+            summary = json.loads((out / t.user_attrs["workdir"] / "summary.json").read_text())
+            resumed.append(summary["resumed_from_round"])
+    # a trial that had evaluated twice was checkpointed (every round) and went on from there
+    assert resumed and min(resumed) >= 1, resumed
     best = json.loads((out / "best.json").read_text())["methods"]["fedavg"]
     assert (best["trials"], best["failed"]) == (3, 0)
 

@@ -13,7 +13,7 @@ import pytest
 
 from experiments import run as run_tool
 from pfedla_jax.core import evaluation
-from pfedla_jax.data import load_dataset, normalize_images, validation_split
+from pfedla_jax.data import label_histogram, load_dataset, normalize_images, validation_split
 from pfedla_jax.data.partition.common import round_half_up
 from pfedla_jax.errors import UserInputError
 from pfedla_jax.training.config import ExperimentConfig, RunOptions
@@ -91,6 +91,9 @@ def test_experiment_trains_on_the_rest_and_records_the_split(tmp_path):
         # the device tables: training = train minus validation (FedFomo's own validation
         # split is then carved from what remains)
         assert int(store.train_count[i]) == len(train) - len(val)
+    # the label histogram counts the validation examples with the train split they come from
+    np.testing.assert_array_equal(label_histogram(store, split="train").sum(1),
+                                  [len(c["train"]) for c in record["clients"]])
     # another seed, another split; the same seed, the same record
     assert build_experiment(config).partition_record == record
     other = build_experiment(_config(seed=1)).partition_record

@@ -187,7 +187,8 @@ def label_histogram(
             Ignored for a ClientStore.
         num_classes: Number of columns; defaults to the store's / dataset's class count,
             or max(labels) + 1 for a bare label array.
-        split: "all" (train + test), "train" or "test".
+        split: "all" (train + test), "train" or "test" (a store's train split includes its
+            validation split, held out of training).
 
     Returns:
         int64 [N, num_classes] counts.
@@ -202,6 +203,9 @@ def label_histogram(
                              (source.test_idx, source.test_count)):
             table, count = np.asarray(table), np.asarray(count)
             rows.append([table[i, : count[i]] for i in range(source.num_clients)])
+        if source.val_idx is not None:  # held out of training: part of the client's train split
+            table, count = np.asarray(source.val_idx), np.asarray(source.val_count)
+            rows[0] = [np.concatenate([r, table[i, : count[i]]]) for i, r in enumerate(rows[0])]
     elif isinstance(source, Partition):
         if labels is None:
             raise UserInputError("label_histogram: a Partition needs the dataset's labels")

@@ -453,8 +453,9 @@ def _open_workdir(exp: Experiment, run: Run, options: RunOptions) -> None:
 def _check_same_partition(path: str, record: dict | None, workdir: str) -> None:
     """Refuses to resume on another partition than the one the workdir's run was trained on.
 
-    Compares the dataset fingerprint and every client's train and test indices (in order)
-    of WORKDIR/partition.json with `record`; a workdir without the file (an older run) passes.
+    Compares the dataset fingerprint and every client's train, test and validation indices
+    (in order) of WORKDIR/partition.json with `record`; a workdir without the file (an older
+    run) passes.
 
     Raises:
       UserInputError: they differ, or the workdir's partition.json cannot be read.
@@ -480,7 +481,7 @@ def _check_same_partition(path: str, record: dict | None, workdir: str) -> None:
                f"{len(record['clients'])} now")
     else:
         for i, (old, new) in enumerate(zip(clients, record["clients"])):
-            if not isinstance(old, dict) or old.get("train") != new["train"] or old.get("test") != new["test"]:
+            if not isinstance(old, dict) or any(old.get(k) != new.get(k) for k in ("train", "test", "validation")):
                 why = f"client {i}'s examples differ"
                 break
     if why is not None:
