@@ -189,27 +189,26 @@ def test_a_tune_dir_refuses_another_command(study_run, plugin):
 def test_a_killed_tune_resumes_to_the_same_count(tmp_path):
     out = tmp_path / "t"
     args = [f"--preset={PRESET}", "--methods=fedavg", "--trials=3", "--jobs=2", f"--tune_dir={out}",
-            f"--run_flags={TINY} --checkpoint_every=1 --rounds=40", "--pruner_min_resource=100"]
+            f"--run_flags={TINY} --checkpoint_every=1 --rounds=300", "--pruner_min_resource=1000"]
     p = _tool(args, start_new_session=True)
     try:
+        trials_dir = out / "trials" / "fedavg"
+        listed = lambda: [os.path.join(trials_dir, d) for d in os.listdir(trials_dir)] if trials_dir.is_dir() else []
+        rows = lambda d: len(_metrics(d)) if os.path.exists(os.path.join(d, "metrics.jsonl")) else 0
         deadline = time.time() + 300
-        running = []
-        while time.time() < deadline and p.poll() is None:  # both trials running, one evaluated twice
-            running = [os.path.join(out, "trials", "fedavg", d) for d in os.listdir(out / "trials" / "fedavg")] \
-                if (out / "trials" / "fedavg").is_dir() else []
-            if len(running) == 2 and any(os.path.exists(os.path.join(d, "metrics.jsonl"))
-                                         and len(_metrics(d)) >= 2 for d in running):
-                break
+        while time.time() < deadline and p.poll() is None and len(listed()) < 2:
             time.sleep(0.2)
-        assert p.poll() is None and len(running) == 2, p.communicate()
-        # (40 rounds: these runs are still going when the tool is killed, each checkpointed)
-        advanced = {os.path.basename(d) for d in running
-                    if os.path.exists(os.path.join(d, "metrics.jsonl")) and len(_metrics(d)) >= 2}
-        # a second tune on the same dir: one error line, exit 2
+        assert p.poll() is None and len(listed()) == 2, p.communicate()
+        # a second tune on the same dir while this one runs: one error line, exit 2
         second = _tool(args)
         _, err = second.communicate(timeout=120)
         assert second.returncode == 2 and len(err.strip().splitlines()) == 1, err
         assert err.startswith("error: --tune_dir") and "in use by another tune (pid" in err
+        while time.time() < deadline and p.poll() is None and not any(rows(d) >= 2 for d in listed()):
+            time.sleep(0.1)  # one trial evaluated (and checkpointed) twice; 300 rounds: not done
+        running = listed()
+        advanced = {os.path.basename(d) for d in running if rows(d) >= 2}
+        assert p.poll() is None and advanced, p.communicate()
         os.kill(p.pid, signal.SIGKILL)  # the tool only: its runs die with it (PR_SET_PDEATHSIG)
         p.communicate(timeout=60)
         deadline = time.time() + 30
