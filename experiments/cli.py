@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import sys
+import threading
 import warnings
 
 from absl import flags, logging
@@ -51,6 +52,8 @@ def start(argv, host_devices: int | None = None) -> None:
     std_logging.getLogger("asyncio").addFilter(_drop_unretrieved_task_errors)
     if not getattr(sys.excepthook, "drops_closed_loop_errors", False):
         sys.excepthook = _excepthook_without_closed_loop_errors(sys.excepthook)
+    if not getattr(threading.excepthook, "drops_closed_loop_errors", False):
+        threading.excepthook = _thread_excepthook_without_closed_loop_errors(threading.excepthook)
     # JAX's persistent compilation cache is an optimisation: an entry that cannot be written
     # (a full disk) or read (a cut file) costs compiling again; the run's own writes report
     # a full disk
@@ -64,6 +67,16 @@ def _drop_orbax_thread_errors(record) -> bool:
 
 def _drop_unretrieved_task_errors(record) -> bool:
     return "exception was never retrieved" not in record.getMessage()
+
+
+def _thread_excepthook_without_closed_loop_errors(hook):
+    def excepthook(args):
+        if args.exc_type is RuntimeError and str(args.exc_value) == "Event loop is closed":
+            return
+        hook(args)
+
+    excepthook.drops_closed_loop_errors = True
+    return excepthook
 
 
 def _excepthook_without_closed_loop_errors(hook):

@@ -345,11 +345,12 @@ def test_a_file_size_limit_in_a_real_process_is_one_line_and_resumable(tmp_path,
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
     assert p.returncode == 2, p.stderr[-3000:]
     lines = p.stderr.strip().splitlines()
-    # (tensorstore's own threads may print tracebacks of the same failure before it:
-    # BUILD_NOTES, faults)
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], lines
-    assert lines[-1].startswith("error: cannot write ")
-    assert "File too large" in lines[-1] and os.path.join(workdir, "checkpoints") in lines[-1]
+    # one error line (tensorstore's own asyncio threads may print tracebacks of the same
+    # failure before it or, at the interpreter's exit, after it: BUILD_NOTES, faults)
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, lines
+    assert errors[0].startswith("error: cannot write ")
+    assert "File too large" in errors[0] and os.path.join(workdir, "checkpoints") in errors[0]
     p = _run_cli(FLAGS + [f"--workdir={workdir}"])
     assert p.returncode == 0, p.stderr[-3000:]
     _assert_same_run(workdir, reference)
